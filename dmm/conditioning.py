@@ -1,0 +1,111 @@
+"""The base model's conditioning, computed by the pipeline's own `encode_prompt`.
+
+Training must condition the UNets exactly as sampling does; delegating to the pipeline (SD1.5:
+one text encoder; SDXL: two, plus pooled text and size ids) guarantees it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline
+
+from dmm.models.arch import Arch, detect_arch
+
+
+@dataclass
+class Conditioning:
+    encoder_hidden_states: torch.Tensor
+    added_cond_kwargs: dict[str, torch.Tensor] | None
+
+    def select(self, index: torch.Tensor) -> Conditioning:
+        extra = None if self.added_cond_kwargs is None else {k: v[index] for k, v in self.added_cond_kwargs.items()}
+        return Conditioning(self.encoder_hidden_states[index], extra)
+
+    def unet_kwargs(self) -> dict:
+        return {} if self.added_cond_kwargs is None else {"added_cond_kwargs": self.added_cond_kwargs}
+
+
+class BaseModel:
+    """The common base: its pipeline supplies text encoders, VAE, scheduler and the initial UNet."""
+
+    def __init__(self, path: str | Path, *, resolution: int, cache_size: int = 4096):
+        path = Path(path)
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"base model folder {path} is not a diffusers pipeline folder (no model_index.json); "
+                "point model.base at the base model's folder"
+            )
+        self.path = path
+        self.pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+        for name in ("text_encoder", "text_encoder_2", "vae", "unet"):
+            module = getattr(self.pipe, name, None)
+            if module is not None:
+                module.requires_grad_(False).eval()
+        self.arch: Arch = detect_arch(self.pipe.unet.config)
+        self.resolution = resolution
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        self._cache: dict[str, tuple] = {}
+        self._cache_size = cache_size
+        self.time_ids = self._time_ids() if self.arch.uses_text_time else None
+
+    def _time_ids(self) -> torch.Tensor:
+        """SDXL's size conditioning (original size, crop, target size) exactly as the pipeline builds it."""
+        size = (self.resolution, self.resolution)
+        te2 = self.pipe.text_encoder_2
+        proj_dim = te2.config.projection_dim if te2 is not None else None
+        return self.pipe._get_add_time_ids(size, (0, 0), size, dtype=torch.float32,
+                                           text_encoder_projection_dim=proj_dim)
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.noise_scheduler.alphas_cumprod
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.noise_scheduler.config.num_train_timesteps
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] -> scaled latents (the distribution mean: deterministic, resumable)."""
+        vae = self.pipe.vae
+        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def _encode_one(self, caption: str) -> tuple:
+        if caption in self._cache:
+            return self._cache[caption]
+        if self.arch.uses_text_time:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(caption, device="cpu", num_images_per_prompt=1,
+                                                           do_classifier_free_guidance=False)
+            value = (embeds[0], pooled[0])
+        else:
+            embeds, _ = self.pipe.encode_prompt(caption, "cpu", 1, False)
+            value = (embeds[0], None)
+        if len(self._cache) < self._cache_size:
+            self._cache[caption] = value
+        return value
+
+    @torch.no_grad()
+    def encode_captions(self, captions: list[str]) -> Conditioning:
+        encoded = [self._encode_one(c) for c in captions]
+        hidden = torch.stack([e[0] for e in encoded])
+        if not self.arch.uses_text_time:
+            return Conditioning(hidden, None)
+        pooled = torch.stack([e[1] for e in encoded])
+        time_ids = self.time_ids.to(hidden.dtype).repeat(len(captions), 1)
+        return Conditioning(hidden, {"text_embeds": pooled, "time_ids": time_ids})
+
+
+def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
+    """Classifier-free guidance dropout, drawn ONCE per sample and shared by student and teacher."""
+    drop = torch.rand(len(captions), generator=generator) < p
+    return ["" if d else c for c, d in zip(captions, drop.tolist())]

@@ -1,0 +1,60 @@
+"""What the trainer needs from a training engine (single process, DeepSpeed, FSDP2).
+
+An engine owns the two trained models (student and discriminator), their optimizers and lr
+schedules: it wraps them for its parallelism, runs backward and the optimizer step with
+gradient clipping, saves and restores them, and gathers the full student for export. Teachers
+and the base model's frozen parts never go through an engine.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MODELS = ("student", "disc")
+
+
+class Engine(ABC):
+    name: str = "abstract"
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @abstractmethod
+    def prepare(self, models: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                schedulers: dict[str, object]) -> dict[str, nn.Module]:
+        """Wrap the trained models; returns the modules to call in forward passes."""
+
+    @abstractmethod
+    def backward(self, which: str, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def step(self, which: str, max_norm: float) -> float:
+        """Clip, step the optimizer and lr schedule, zero the grads; returns the pre-clip grad norm."""
+
+    @abstractmethod
+    def save(self, folder: Path) -> None:
+        """Write models, optimizers and schedules into `folder` (collective in distributed engines)."""
+
+    @abstractmethod
+    def load(self, folder: Path) -> None: ...
+
+    @abstractmethod
+    def full_state_dict(self, which: str) -> dict[str, torch.Tensor]:
+        """The unsharded weights of a trained model (complete on the main rank)."""
+
+    def barrier(self) -> None:
+        pass
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def broadcast_object(self, obj):
+        return obj

@@ -1,0 +1,48 @@
+"""One process, plain PyTorch: the reference every distributed engine is tested against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dmm.engines.base import Engine
+from dmm.io import atomic_torch_save
+
+
+class SingleProcessEngine(Engine):
+    name = "none"
+
+    def prepare(self, models, optimizers, schedulers):
+        self.models, self.optimizers, self.schedulers = models, optimizers, schedulers
+        return models
+
+    def backward(self, which, loss):
+        loss.backward()
+
+    def step(self, which, max_norm):
+        params = [p for p in self.models[which].parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        self.optimizers[which].step()
+        self.schedulers[which].step()
+        self.optimizers[which].zero_grad(set_to_none=True)
+        return float(norm)
+
+    def save(self, folder: Path) -> None:
+        for which, model in self.models.items():
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / f"{which}.safetensors"))
+            atomic_torch_save({"optimizer": self.optimizers[which].state_dict(),
+                               "scheduler": self.schedulers[which].state_dict()}, folder / f"{which}_optim.pt")
+
+    def load(self, folder: Path) -> None:
+        for which, model in self.models.items():
+            model.load_state_dict(load_file(str(folder / f"{which}.safetensors")))
+            state = torch.load(folder / f"{which}_optim.pt", map_location="cpu", weights_only=True)
+            self.optimizers[which].load_state_dict(state["optimizer"])
+            self.schedulers[which].load_state_dict(state["scheduler"])
+
+    def full_state_dict(self, which: str) -> dict[str, torch.Tensor]:
+        model: nn.Module = self.models[which]
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -1,0 +1,1 @@
+"""Training: the distillation trainer, checkpoints, teacher layout and export."""

@@ -1,0 +1,57 @@
+"""Export the merged model: a diffusers pipeline folder (base components + the student UNet)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+
+from dmm.io import atomic_write_json, replace_dir
+from dmm.models.student import StyleUNet2DConditionModel
+from dmm.pipeline import MERGE_INFO
+
+
+def build_student(base: str | Path, style_names: list[str], state: dict[str, torch.Tensor]):
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(str(Path(base) / "unet"))
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    student = StyleUNet2DConditionModel(**config, style_names=list(style_names))
+    student.load_state_dict(state, strict=True)
+    return student
+
+
+def export_merged(student: StyleUNet2DConditionModel, base: str | Path, out: str | Path,
+                  info: dict | None = None) -> Path:
+    """Written to a temporary folder and moved into place: an older export survives a crash."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe = DiffusionPipeline.from_pretrained(str(base), unet=student, local_files_only=True)
+    pipe.save_pretrained(str(tmp))
+    # diffusers records the defining module; name the package, which exports the class at top level.
+    index = json.loads((tmp / "model_index.json").read_text())
+    index["unet"] = ["dmm", StyleUNet2DConditionModel.__name__]
+    atomic_write_json(tmp / "model_index.json", index)
+    atomic_write_json(tmp / MERGE_INFO, {"style_names": student.style_names, **(info or {})})
+    replace_dir(tmp, out)
+    return out
+
+
+def export_from_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Export from a single-process checkpoint folder (sharded engines consolidate first)."""
+    checkpoint = Path(checkpoint)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    recipe = state["recipe"]
+    names = [t["name"] for t in recipe["teachers"]]
+    weights = checkpoint / "student.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: export sharded checkpoints with their engine's consolidation")
+    student = build_student(recipe["model"]["base"], names, load_file(str(weights)))
+    return export_merged(student, recipe["model"]["base"], out, {"step": state["step"], "recipe": recipe["name"]})

@@ -1,0 +1,32 @@
+"""Run a recipe end to end: distil, then export the merged model (the launchers call this)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from dmm.recipes import Recipe
+from dmm.train.export import export_merged
+from dmm.train.trainer import DistillationTrainer, set_threads
+
+log = logging.getLogger("dmm.train")
+
+
+def run(recipe: Recipe, engine=None, stop_flag=None) -> Path | None:
+    """Returns the merged model folder (on the main rank; None elsewhere)."""
+    set_threads()
+    trainer = DistillationTrainer(recipe, engine=engine, stop_flag=stop_flag)
+    trainer.fit()
+    state = trainer.student_state_dict()
+    merged = None
+    if trainer.engine.is_main:
+        student = trainer.models["student"]
+        from dmm.train.export import build_student
+
+        student = build_student(recipe.model.base, recipe.style_names, state)
+        merged = export_merged(student, recipe.model.base, Path(recipe.train.output_dir) / "merged",
+                               {"step": trainer.step, "recipe": recipe.name,
+                                "teachers": {t.name: t.path for t in recipe.teachers}})
+        log.info("merged model written to %s", merged)
+    trainer.engine.barrier()
+    return merged

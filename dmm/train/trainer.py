@@ -1,0 +1,289 @@
+"""The DMM distillation trainer: one student, N frozen teachers, three losses (Algorithm 1).
+
+Each step, for this rank's batch: noisy latents of real images, one teacher style per sample,
+student and teacher predictions (with block features), then
+  L_student = L_score + lambda_feat * L_feat + lambda_adv * L_gen     (student update)
+  L_disc    = CE(D(x0_student), N + i) + CE(D(x0_teacher), i)        (discriminator update)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dmm.conditioning import BaseModel, Conditioning, drop_captions
+from dmm.data import ShardStream, expand_urls
+from dmm.diffusion import add_noise, convert_prediction, predict_x0
+from dmm.engines import Engine, make_engine
+from dmm.losses import discriminator_loss, feature_imitation_loss, generator_loss, score_distillation_loss
+from dmm.models.discriminator import MultiClassDiscriminator
+from dmm.models.features import BlockFeatures
+from dmm.models.student import StyleUNet2DConditionModel
+from dmm.recipes import Recipe
+from dmm.teachers import check_teacher_paths, load_teacher
+from dmm.train.checkpoint import CheckpointManager, recipe_differences, set_rng_state
+from dmm.train.layout import TeacherLayout
+
+log = logging.getLogger("dmm.train")
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class StopRequested(Exception):
+    """Raised out of `fit` after a checkpoint was written because a stop (preemption) was asked for."""
+
+
+def training_shards(recipe: Recipe) -> list[str]:
+    if recipe.data.toyworld is not None:
+        from dmm.toyworld import write_shards
+
+        toy = recipe.data.toyworld
+        out = Path(recipe.train.output_dir).parent / ".shards" / f"toy-{toy.n_samples}-{toy.seed}"
+        return [str(p) for p in write_shards(out, toy.n_samples, seed=toy.seed,
+                                             samples_per_shard=toy.samples_per_shard)]
+    return expand_urls(recipe.data.shards)
+
+
+class DistillationTrainer:
+    def __init__(self, recipe: Recipe, engine: Engine | None = None, stop_flag=None):
+        self.recipe = recipe
+        self.engine = engine or make_engine(recipe.distributed.engine, recipe)
+        self.stop_flag = stop_flag  # callable -> bool, checked at step boundaries (preemption)
+        self.out = Path(recipe.train.output_dir)
+        names = recipe.style_names
+        self.num_styles = len(names)
+        # Refuse impossible layouts and missing files before loading any model.
+        self.layout = TeacherLayout(self.engine.world_size, self.num_styles)
+        self.local_teachers = self.layout.teachers_for_rank(self.engine.rank)
+        self.batch_styles = torch.tensor(self.layout.styles_for_batch(self.engine.rank, recipe.data.batch_size))
+        check_teacher_paths([recipe.teachers[i] for i in self.local_teachers])
+
+        torch.manual_seed(recipe.train.seed)
+        self.base = BaseModel(recipe.model.base, resolution=recipe.data.resolution)
+        if recipe.model.arch != "auto" and recipe.model.arch != self.base.arch.name:
+            raise ValueError(f"model.arch is {recipe.model.arch!r} but the base at {recipe.model.base} is "
+                             f"{self.base.arch.name}")
+        student = StyleUNet2DConditionModel.from_unet(self.base.unet, names)
+        if recipe.train.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        self.teachers = {
+            i: load_teacher(i, recipe.teachers[i], base=recipe.model.base, student_base=self.base.unet,
+                            dtype=recipe.model.teacher_dtype, default_prediction_type=self.base.prediction_type)
+            for i in self.local_teachers
+        }
+        self.use_adv = recipe.loss.lambda_adv > 0
+        models = {"student": student}
+        if self.use_adv:
+            models["disc"] = MultiClassDiscriminator(self.base.unet, self.num_styles)
+        self.base.pipe.unet = None  # the student now holds the base weights; free the copy
+        optimizers = {k: self._optimizer(k, m) for k, m in models.items()}
+        warmup = recipe.optim.warmup_steps
+        schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+                      for k, o in optimizers.items()}
+        self.models = self.engine.prepare(models, optimizers, schedulers)
+
+        self.stream = ShardStream(
+            training_shards(recipe) if self.engine.is_main or recipe.data.toyworld is None else [],
+            batch_size=recipe.data.batch_size, resolution=recipe.data.resolution, seed=recipe.train.seed,
+            rank=self.engine.rank, world_size=self.engine.world_size, image_key=recipe.data.image_key,
+            caption_key=recipe.data.caption_key, shuffle_buffer=recipe.data.shuffle_buffer,
+        )
+        if not self.stream.urls:  # non-main ranks read the toy shards the main rank wrote
+            self.engine.barrier()
+            self.stream.urls = training_shards(recipe)
+        elif recipe.data.toyworld is not None and self.engine.world_size > 1:
+            self.engine.barrier()
+        self.generator = torch.Generator().manual_seed(recipe.train.seed * 1000 + self.engine.rank)
+        self.checkpoints = CheckpointManager(self.out / "checkpoints", recipe.train.keep_last)
+        self.step = 0
+        self.writer = None
+
+    # ----------------------------------------------------------------- setup helpers
+    def _optimizer(self, which: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+        o = self.recipe.optim
+        lr = o.lr if which == "student" else o.disc_lr
+        if which == "student":
+            style = [p for n, p in model.named_parameters() if n.startswith("class_embedding.")]
+            rest = [p for n, p in model.named_parameters() if not n.startswith("class_embedding.")]
+            groups = [{"params": rest, "lr": lr}, {"params": style, "lr": lr * o.style_lr_multiplier}]
+        else:
+            groups = [{"params": list(model.parameters()), "lr": lr}]
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+    def _autocast(self):
+        if self.recipe.train.mixed_precision == "bf16":
+            return torch.autocast(self.engine.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ----------------------------------------------------------------- one step
+    def _teacher_outputs(self, x_t, t, cond: Conditioning, styles, want_features: bool):
+        out = torch.empty_like(x_t, dtype=torch.float32)
+        feats: dict[str, torch.Tensor] = {}
+        for i, teacher in self.teachers.items():
+            idx = (styles == i).nonzero().flatten()
+            if idx.numel() == 0:
+                continue
+            sub = cond.select(idx)
+            dtype = next(teacher.unet.parameters()).dtype
+            kwargs = {k: {n: v.to(dtype) for n, v in a.items()} for k, a in sub.unet_kwargs().items()}
+            hooks = BlockFeatures(teacher.unet, detach=True) if want_features else contextlib.nullcontext()
+            with torch.no_grad(), hooks as recorder:
+                pred = teacher.unet(x_t[idx].to(dtype), t[idx], sub.encoder_hidden_states.to(dtype), **kwargs).sample
+            if teacher.prediction_type != self.base.prediction_type:
+                pred = convert_prediction(pred, x_t[idx], t[idx], self.base.alphas_cumprod,
+                                          teacher.prediction_type, self.base.prediction_type)
+            out[idx] = pred.float()
+            if want_features:
+                for name, f in recorder.outputs.items():
+                    if name not in feats:
+                        feats[name] = torch.empty((x_t.shape[0], *f.shape[1:]), dtype=torch.float32)
+                    feats[name][idx] = f.float()
+        return out, feats
+
+    def _disc_logits(self, x0, cond: Conditioning):
+        t = torch.randint(0, self.recipe.loss.disc_t_max, (x0.shape[0],), generator=self.generator)
+        noise = torch.randn(x0.shape, generator=self.generator)
+        x_t = add_noise(x0, noise, t, self.base.alphas_cumprod)
+        return self.models["disc"](x_t, t, cond.encoder_hidden_states, cond.added_cond_kwargs)
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        r = self.recipe
+        styles = self.batch_styles
+        latents = self.base.encode_images(batch["pixels"])
+        captions = drop_captions(batch["captions"], r.data.caption_dropout, self.generator)
+        cond = self.base.encode_captions(captions)
+        noise = torch.randn(latents.shape, generator=self.generator)
+        t = torch.randint(0, self.base.num_train_timesteps, (latents.shape[0],), generator=self.generator)
+        x_t = add_noise(latents, noise, t, self.base.alphas_cumprod)
+        want_feat = r.loss.lambda_feat > 0
+
+        teacher_out, teacher_feats = self._teacher_outputs(x_t, t, cond, styles, want_feat)
+        student = self.models["student"]
+        hooks = BlockFeatures(student) if want_feat else contextlib.nullcontext()
+        with self._autocast(), hooks as recorder:
+            student_out = student(x_t, t, cond.encoder_hidden_states, class_labels=styles,
+                                  **cond.unet_kwargs()).sample
+        losses = {"score": score_distillation_loss(student_out, teacher_out)}
+        total = losses["score"]
+        if want_feat:
+            losses["feat"] = feature_imitation_loss(recorder.outputs, teacher_feats)
+            total = total + r.loss.lambda_feat * losses["feat"]
+        if self.use_adv:
+            ac = self.base.alphas_cumprod
+            x0_student = predict_x0(student_out, x_t, t, ac, self.base.prediction_type)
+            disc = self.models["disc"]
+            disc.requires_grad_(False)
+            with self._autocast():
+                losses["gen"] = generator_loss(self._disc_logits(x0_student, cond), styles, self.num_styles)
+            disc.requires_grad_(True)
+            total = total + r.loss.lambda_adv * losses["gen"]
+        losses["total"] = total
+        self._check_finite(losses)
+        self.engine.backward("student", total)
+        stats = {"grad_norm": self.engine.step("student", r.optim.grad_clip)}
+
+        if self.use_adv:
+            x0_teacher = predict_x0(teacher_out, x_t, t, self.base.alphas_cumprod, self.base.prediction_type)
+            with self._autocast():
+                fake = self._disc_logits(x0_student.detach(), cond)
+                real = self._disc_logits(x0_teacher, cond)
+                losses["disc"] = discriminator_loss(fake, real, styles, self.num_styles)
+            self._check_finite({"disc": losses["disc"]})
+            self.engine.backward("disc", losses["disc"])
+            stats["disc_grad_norm"] = self.engine.step("disc", r.optim.grad_clip)
+        return {**{k: float(v.detach()) for k, v in losses.items()}, **stats}
+
+    def _check_finite(self, losses: dict[str, torch.Tensor]) -> None:
+        bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
+        if bad:
+            last = self.checkpoints.latest()
+            raise TrainingDiverged(
+                f"loss {', '.join(bad)} became NaN/inf at step {self.step + 1}; nothing was updated. "
+                f"Last good checkpoint: {last if last else 'none written yet'}. "
+                "Lower optim.lr, keep optim.grad_clip, or check the data."
+            )
+
+    # ----------------------------------------------------------------- state
+    def _trainer_state(self) -> dict:
+        return {"recipe": self.recipe.to_dict()}
+
+    def save_checkpoint(self) -> Path:
+        return self.checkpoints.save(self.engine, self.step, self._trainer_state(),
+                                     {"data": self.stream.state_dict(), "generator": self.generator.get_state()})
+
+    def maybe_resume(self) -> None:
+        folder = self.checkpoints.resolve(self.recipe.train.resume)
+        if folder is None:
+            return
+        state, rank_state = self.checkpoints.load_state(folder, self.engine.rank)
+        diffs = recipe_differences(state["recipe"], self.recipe.to_dict())
+        if diffs:
+            raise ValueError(f"cannot resume from {folder}: it was written by a different recipe; "
+                             f"differing keys: {diffs}")
+        if state["world_size"] != self.engine.world_size:
+            raise ValueError(f"cannot resume from {folder}: written by {state['world_size']} ranks, "
+                             f"this run has {self.engine.world_size}")
+        self.engine.load(folder)
+        self.stream.load_state_dict(rank_state["data"])
+        self.generator.set_state(rank_state["generator"])
+        set_rng_state(rank_state["rng"])
+        self.step = state["step"]
+        if self.engine.is_main:
+            log.info("resumed from %s at step %d", folder, self.step)
+
+    # ----------------------------------------------------------------- loop
+    def fit(self) -> Path:
+        r = self.recipe
+        if self.engine.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            r.save(self.out / "recipe.yaml")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "tb"))
+        self.maybe_resume()
+        bar = tqdm(total=r.train.max_steps, initial=self.step, desc="distill", disable=not self.engine.is_main,
+                   dynamic_ncols=True)
+        data = iter(self.stream)
+        started = time.time()
+        while self.step < r.train.max_steps:
+            if self.stop_flag is not None and self.stop_flag():
+                self.save_checkpoint()
+                raise StopRequested(f"stopped at step {self.step} on request; checkpoint saved")
+            metrics = self.train_step(next(data))
+            self.step += 1
+            bar.update(1)
+            if self.engine.is_main and (self.step % r.train.log_every == 0 or self.step == r.train.max_steps):
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("score", "feat", "gen", "disc")})
+                for k, v in metrics.items():
+                    self.writer.add_scalar(f"train/{k}", v, self.step)
+                elapsed = time.time() - started
+                self.writer.add_scalar("perf/samples_per_s",
+                                       r.data.batch_size * self.engine.world_size * self.step / max(elapsed, 1e-9),
+                                       self.step)
+            self.last_metrics = metrics
+            if self.step % r.train.checkpoint_every == 0 or self.step == r.train.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+        return self.checkpoints.latest()
+
+    def student_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.engine.full_state_dict("student")
+
+
+def set_threads() -> None:
+    """Distributed launchers set OMP_NUM_THREADS; a lone process uses every core."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+__all__ = ["DistillationTrainer", "StopRequested", "TrainingDiverged"]

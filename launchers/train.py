@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Distil N teachers into one style-promptable student.
+
+  python launchers/train.py --recipe recipes/toy_sdxl_4.yaml [--set train.max_steps=10 ...]
+  deepspeed launchers/train.py --recipe recipes/sdxl_4.yaml
+  torchrun --nproc_per_node 8 launchers/train.py --recipe recipes/sd15_8.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, help="recipe YAML (see recipes/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe value, e.g. --set train.max_steps=10 (repeatable)")
+    parser.add_argument("--demo", action="store_true",
+                        help="after training, sample the merged model and every teacher and print the toy summary")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    from dmm.recipes import RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from dmm.train.run import run
+
+    merged = run(recipe)
+    if merged is not None:
+        print(f"merged model: {merged}")
+        if args.demo:
+            from dmm.demo import summarise
+
+            summarise(recipe, merged)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
