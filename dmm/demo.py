@@ -1,0 +1,115 @@
+"""The toy demo's summary: how well each merged style matches its own teacher.
+
+Per style i: toy-FID(merged_i, teacher_j) for every teacher j (own teacher should be the
+closest) and style accuracy (share of samples the toy classifier puts in style i), merged vs
+teacher. Teacher samples are cached (keyed by the teacher folder's contents and the sampling
+settings), so a second demo only samples the new merged model.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from dmm.recipes import Recipe
+
+
+def summarise(recipe: Recipe, merged: str | Path, cache_root: str | Path = ".cache/samples",
+              out: str | Path | None = None) -> dict:
+    from eval.fid import fid_matrix
+    from eval.generate import GenerationCache, ImageSet, SamplingConfig
+    from eval.report import image_grid, write_json
+
+    from dmm.toyworld import load_world
+
+    if recipe.data.toyworld is None:
+        raise ValueError("the demo summary needs a toy-world recipe (data.toyworld); use `python -m eval.suite` "
+                         "for real models")
+    started = time.time()
+    world = load_world(recipe.data.toyworld.world)
+    names = recipe.style_names
+    s = recipe.sample
+    prompts = world.prompts(s.n_per_style, seed=s.seed)
+    seeds = [s.seed + k for k in range(len(prompts))]
+    sampling = SamplingConfig(steps=s.steps, guidance_scale=s.guidance_scale, negative_prompt="",
+                              scheduler="pipeline", batch_size=64)
+    cache = GenerationCache(cache_root, sampling)
+    out = Path(out or Path(recipe.train.output_dir) / "summary")
+    out.mkdir(parents=True, exist_ok=True)
+
+    from tqdm.auto import tqdm
+
+    sets = {}
+    for i, name in enumerate(names):
+        sets[("teacher", name)] = ImageSet(f"teacher/{name}", recipe.teachers[i].path, "teacher", None, prompts, seeds)
+        sets[("merged", name)] = ImageSet(f"merged/{name}", str(merged), "merged", name, prompts, seeds)
+    images, feats, style_acc = {}, {}, {}
+    classifier = world.classifier
+    for key, image_set in tqdm(sets.items(), desc="sampling merged + teachers", unit="set"):
+        paths = cache.ensure(image_set)
+        pixels = cache.load_images(paths)
+        with torch.no_grad():
+            feats[key] = classifier.features(pixels).double()
+            predicted = classifier.predict(pixels)["style"]
+        images[key] = paths
+        target = world.style_names.index(key[1])
+        style_acc[key] = float((predicted == target).float().mean())
+
+    m = fid_matrix([feats[("merged", n)] for n in names], [feats[("teacher", n)] for n in names])
+    rows = []
+    for i, name in enumerate(names):
+        others = [(m[i, j], names[j]) for j in range(len(names)) if j != i]
+        nearest_other = min(others) if others else (float("nan"), "-")
+        acc_m, acc_t = style_acc[("merged", name)], style_acc[("teacher", name)]
+        rows.append({
+            "style": name,
+            "fid_own_teacher": float(m[i, i]),
+            "fid_nearest_other_teacher": float(nearest_other[0]),
+            "nearest_other_teacher": nearest_other[1],
+            "closest_to_own_teacher": bool(m[i, i] < nearest_other[0]),
+            "style_acc_merged": acc_m,
+            "style_acc_teacher": acc_t,
+            "style_acc_ratio": acc_m / acc_t if acc_t > 0 else float("nan"),
+        })
+    n_grid = min(s.grid_prompts, len(prompts))
+    grids = {}
+    for name in names:
+        grids[name] = str(image_grid([images[("merged", name)][:n_grid], images[("teacher", name)][:n_grid]],
+                                     [f"merged/{name}", f"teacher/{name}"], out / f"grid_{name}.png",
+                                     title=f"style {name}: merged (top) vs teacher (bottom)"))
+    overview = [images[("teacher", n)][:n_grid] for n in names] + [images[("merged", n)][:n_grid] for n in names]
+    labels = [f"teacher/{n}" for n in names] + [f"merged/{n}" for n in names]
+    grids["overview"] = str(image_grid(overview, labels, out / "grid_overview.png",
+                                       col_labels=[p[:14] for p in prompts[:n_grid]]))
+    summary = {"merged_model": str(merged), "samples_per_style": len(prompts), "fid_matrix": m.tolist(),
+               "styles": rows, "grids": grids, "seconds": time.time() - started,
+               "sampling": sampling.key(), "feature_net": "toy world classifier (penultimate layer)"}
+    write_json(out / "summary.json", summary)
+    print(format_summary(summary))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [
+        "",
+        f"DMM toy demo: merged model vs its teachers ({summary['samples_per_style']} samples per style, "
+        "toy-FID on the toy classifier's features)",
+        f"{'style':10s} {'FID own':>8s} {'FID other':>10s} {'(nearest)':>10s} {'acc merged':>11s} "
+        f"{'acc teacher':>12s} {'ratio':>6s}  verdict",
+    ]
+    for r in summary["styles"]:
+        ok = r["closest_to_own_teacher"] and r["style_acc_ratio"] >= 0.9
+        lines.append(
+            f"{r['style']:10s} {r['fid_own_teacher']:8.2f} {r['fid_nearest_other_teacher']:10.2f} "
+            f"{r['nearest_other_teacher']:>10s} {r['style_acc_merged']:11.1%} {r['style_acc_teacher']:12.1%} "
+            f"{r['style_acc_ratio']:6.2f}  {'ok' if ok else 'SHORT'}"
+        )
+    lines.append(f"merged model: {summary['merged_model']}")
+    for name, path in summary["grids"].items():
+        lines.append(f"grid {name}: {path}")
+    return "\n".join(lines)
+
+
+__all__ = ["format_summary", "summarise"]
