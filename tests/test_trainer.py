@@ -134,3 +134,21 @@ def test_missing_teacher_path_is_named(world, tmp_path):
     bad = dict(world, teachers={"a": world["teachers"]["a"], "gone": tmp_path / "nowhere"})
     with pytest.raises(FileNotFoundError, match="gone: .*nowhere"):
         DistillationTrainer(tiny_world.recipe(bad, tmp_path / "run"))
+
+
+def test_bf16_autocast_and_bf16_teachers(world, tmp_path):
+    recipe = tiny_world.recipe(world, tmp_path / "run", train={"max_steps": 2, "mixed_precision": "bf16"},
+                               model={"teacher_dtype": "bfloat16"})
+    trainer = DistillationTrainer(recipe)
+    assert next(trainer.teachers[0].unet.parameters()).dtype == torch.bfloat16
+    assert next(trainer.models["student"].parameters()).dtype == torch.float32  # fp32 master weights
+    metrics = trainer.train_step(next(iter(trainer.stream)))
+    assert all(math.isfinite(v) for v in metrics.values())
+
+
+def test_v_prediction_base_trains(tmp_path):
+    world = tiny_world.build(tmp_path / "w", prediction_type="v_prediction")
+    trainer = DistillationTrainer(tiny_world.recipe(world, tmp_path / "run"))
+    assert trainer.base.prediction_type == "v_prediction"
+    metrics = trainer.train_step(next(iter(trainer.stream)))
+    assert all(math.isfinite(v) for v in metrics.values())
