@@ -1,0 +1,656 @@
+"""Build a toy world from a seed: data, tokenizer, CLIP, VAE, base UNet, teachers, classifier, report.
+
+    python -m dmm.toyworld.build --out assets/toyworld [--arch sdxl|sd15] [--styles flat,outline,neon,pixel]
+                                 [--scale tiny|full] [--seed 0] [--jobs 2] [--cache DIR]
+
+Every stage writes into a cache folder (atomically, with a `done.json` marker), so an interrupted
+build resumes where it stopped. Independent stages run as single-thread worker processes in
+parallel (on 2 shared cores, two 1-thread processes beat one 2-thread process). The final world
+folder is assembled in a temporary folder and moved into place with `os.replace`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from .content import ATTRIBUTES, all_captions, attribute_values, vocabulary
+from .models import ARCHS, ClipConfig, UNetConfig
+from .styles import list_styles, parse_styles
+from .world import WORLD_JSON
+
+
+@dataclass
+class BuildConfig:
+    """Everything a build depends on; `scale` presets fill in the step counts."""
+
+    out: str
+    arch: str = "sdxl"
+    styles: list[str] = field(default_factory=lambda: parse_styles(None))
+    seed: int = 0
+    scale: str = "full"
+    images_per_style: int = 6000
+    clip_steps: int = 1500
+    vae_steps: int = 1000
+    vae_lr: float = 2e-3
+    classifier_steps: int = 1500
+    classifier_roundtrip: int = 4000  # training images also seen through a VAE round trip
+    classifier_ft_steps: int = 300
+    teacher_train_samples: int = 64  # per teacher, for the classifier fine-tune (0: off)
+    base_steps: int = 3000
+    base_lr: float = 1e-3
+    teacher_steps: int = 300
+    teacher_lr: float = 5e-4
+    batch_size: int = 32
+    eval_samples: int = 128
+    sample_steps: int = 20
+    guidance: float = 3.0
+    half_precision: bool = True  # UNet/VAE weights stored as fp16 (loaded and run in fp32)
+    jobs: int = 2
+    threads: int = 1
+    progress: bool = True
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+
+    @property
+    def resolution(self) -> int:
+        return 32
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // 2
+
+
+TINY = dict(images_per_style=32, clip_steps=2, vae_steps=2, classifier_steps=2, classifier_roundtrip=16,
+            classifier_ft_steps=2, teacher_train_samples=2, base_steps=2, teacher_steps=2, batch_size=8,
+            eval_samples=4, sample_steps=2, jobs=1)
+
+
+def make_config(out: str, scale: str = "full", **overrides) -> BuildConfig:
+    if scale not in ("tiny", "full"):
+        raise ValueError(f"scale must be tiny or full, got {scale!r}")
+    cfg = BuildConfig(out=str(out), scale=scale)
+    if scale == "tiny":
+        cfg = replace(cfg, **TINY)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "styles" in overrides:
+        overrides["styles"] = parse_styles(overrides["styles"])
+    if overrides.get("arch", cfg.arch) not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}")
+    return replace(cfg, **overrides)
+
+
+def default_cache(cfg: BuildConfig) -> Path:
+    return Path(".cache") / "toyworld" / f"{cfg.arch}-{cfg.scale}-s{cfg.seed}-{'_'.join(cfg.styles)}"
+
+
+# ------------------------------------------------------------------------------------------ plumbing
+class Stages:
+    """Stage outputs in the cache folder; `run` skips a stage whose `done.json` exists."""
+
+    def __init__(self, cfg: BuildConfig, cache: Path):
+        self.cfg, self.cache = cfg, Path(cache)
+
+    def dir(self, name: str) -> Path:
+        return self.cache / name
+
+    def done(self, name: str) -> dict | None:
+        marker = self.dir(name) / "done.json"
+        return json.loads(marker.read_text()) if marker.exists() else None
+
+    def run(self, name: str) -> dict:
+        record = self.done(name)
+        if record is not None:
+            return record
+        import torch
+
+        torch.set_num_threads(self.cfg.threads)
+        tmp = self.cache / f".{name}.tmp{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        t0 = time.time()
+        metrics = STAGES[name](self, tmp) or {}
+        record = {"stage": name, "wall_s": round(time.time() - t0, 1), "metrics": metrics}
+        (tmp / "done.json").write_text(json.dumps(record, indent=1))
+        if self.dir(name).exists():
+            shutil.rmtree(self.dir(name))
+        os.replace(tmp, self.dir(name))
+        return record
+
+    # loaders of finished stages
+    def tokenizer(self):
+        from .tokenizer import load_tokenizer
+
+        return load_tokenizer(self.dir("tokenizer"))
+
+    def data(self) -> dict:
+        with np.load(self.dir("data") / "data.npz") as z:
+            return {k: z[k] for k in z.files}
+
+    def clip(self):
+        from transformers import CLIPModel
+
+        return CLIPModel.from_pretrained(str(self.dir("clip"))).eval()
+
+    def vae(self):
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(str(self.dir("vae"))).eval()
+
+    def text_encoders(self):
+        from .models import text_encoders_from_clip
+
+        scale = json.loads((self.dir("cond") / "cond.json").read_text())["pooled_scale"]
+        return text_encoders_from_clip(self.clip(), scale)
+
+    def table(self):
+        from safetensors.torch import load_file
+
+        from .conditioning import CaptionTable
+
+        t = load_file(str(self.dir("cond") / "table.safetensors"))
+        return CaptionTable(all_captions(), t["prompt_embeds"], t.get("pooled"), t.get("time_ids"))
+
+    def latents(self):
+        from safetensors.torch import load_file
+
+        return load_file(str(self.dir("cond") / "latents.safetensors"))
+
+    def unet(self, name: str):
+        return self.unet_from(self.dir(name))
+
+    @staticmethod
+    def unet_from(folder: Path):
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_pretrained(str(Path(folder) / "unet")).eval()
+
+    def pipeline(self, unet):
+        from .models import make_pipeline
+
+        return make_pipeline(self.cfg.arch, self.tokenizer(), self.text_encoders(), self.vae(), unet)
+
+
+def _lane(cfg: BuildConfig, cache: str, names: list[str]) -> dict:
+    """Run stages in order in this process (a worker process of the pool, or the main one)."""
+    stages = Stages(cfg, Path(cache))
+    return {n: stages.run(n) for n in names}
+
+
+def run_lanes(stages: Stages, lanes: list[list[str]]) -> dict:
+    """Run lanes (lists of stages) in parallel worker processes, each single-threaded."""
+    lanes = [lane for lane in lanes if lane]
+    todo = [lane for lane in lanes if any(stages.done(n) is None for n in lane)]
+    results: dict = {}
+    if stages.cfg.jobs <= 1 or len(todo) <= 1:
+        for lane in lanes:
+            results.update(_lane(stages.cfg, str(stages.cache), lane))
+        return results
+    with ProcessPoolExecutor(max_workers=min(stages.cfg.jobs, len(todo)), mp_context=get_context("spawn")) as ex:
+        futures = [ex.submit(_lane, stages.cfg, str(stages.cache), lane) for lane in todo]
+        for f in futures:
+            results.update(f.result())
+    for lane in lanes:
+        for n in lane:
+            results.setdefault(n, stages.done(n))
+    return results
+
+
+def _save_tensors(path: Path, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items() if v is not None}, str(path))
+
+
+def _load_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+# ------------------------------------------------------------------------------------------- stages
+def stage_tokenizer(s: Stages, out: Path) -> dict:
+    from .tokenizer import build_tokenizer, check_tokenizer
+
+    # build into a sub folder (build_tokenizer replaces its target), then flatten
+    tok = build_tokenizer(out / "tok", vocabulary())
+    check_tokenizer(tok, vocabulary())
+    for f in (out / "tok").iterdir():
+        os.replace(f, out / f.name)
+    (out / "tok").rmdir()
+    return {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id}
+
+
+def stage_data(s: Stages, out: Path) -> dict:
+    """Rendered training images (round-robin styles) and a held-out set for the classifier."""
+    from .render import render_arrays
+
+    cfg = s.cfg
+    n = cfg.images_per_style * len(cfg.styles)
+    images, contents, names = render_arrays(n, cfg.seed, cfg.styles)
+    test, tcontents, tnames = render_arrays(max(64, n // 16), cfg.seed + 1_000_003, cfg.styles)
+    row = {c: i for i, c in enumerate(all_captions())}
+
+    def labels(cs, ns, prefix=""):
+        d = {f"{prefix}style": np.array([cfg.styles.index(x) for x in ns], np.int64),
+             f"{prefix}caption_row": np.array([row[c.caption] for c in cs], np.int64)}
+        for a in ATTRIBUTES:
+            d[f"{prefix}{a}"] = np.array([attribute_values(a).index(getattr(c, a)) for c in cs], np.int64)
+        return d
+
+    np.savez(out / "data.npz", images=images, test_images=test, **labels(contents, names),
+             **labels(tcontents, tnames, "test_"))
+    return {"images": n, "test_images": len(test)}
+
+
+def stage_clip(s: Stages, out: Path) -> dict:
+    import torch
+
+    from .models import count_params, make_clip
+    from .train import clip_top1, train_clip
+
+    cfg = s.cfg
+    tok = s.tokenizer()
+    torch.manual_seed(cfg.seed + 1)
+    clip = make_clip(cfg.clip, tok)
+    train_clip(clip, tok, cfg.styles, cfg.clip_steps, cfg.seed + 1, progress=cfg.progress)
+    clip.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return {"top1_of_64": clip_top1(clip, tok, cfg.styles, cfg.seed + 2), "params": count_params(clip)}
+
+
+def stage_vae(s: Stages, out: Path) -> dict:
+    import torch
+
+    from .models import count_params, make_vae
+    from .train import encode_latents, to_unit, train_vae, vae_roundtrip
+
+    cfg = s.cfg
+    d = s.data()
+    x = to_unit(d["images"])
+    torch.manual_seed(cfg.seed + 3)
+    vae = make_vae(cfg.resolution)
+    train_vae(vae, x, cfg.vae_steps, cfg.seed + 3, batch_size=cfg.batch_size, lr=cfg.vae_lr, progress=cfg.progress)
+    z = encode_latents(vae, x[:4096], scaled=False)
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    vae.save_pretrained(str(out))
+    xt = to_unit(d["test_images"])
+    mse = (vae_roundtrip(vae, xt) - xt).pow(2).mean().item()
+    return {"test_mse": mse, "scaling_factor": vae.config.scaling_factor, "params": count_params(vae)}
+
+
+def _classifier_data(s: Stages):
+    """Rendered training images plus a VAE-round-tripped copy of some of them, with labels."""
+    import torch
+
+    from .train import to_unit, vae_roundtrip
+
+    d = s.data()
+    x = to_unit(d["images"])
+    k = min(s.cfg.classifier_roundtrip, len(x))
+    x = torch.cat([x, vae_roundtrip(s.vae(), x[:k])])
+    labels = {a: torch.from_numpy(np.concatenate([d[a], d[a][:k]])) for a in ("style", *ATTRIBUTES)}
+    return x, labels, d
+
+
+def _classifier_test(model, d) -> dict:
+    import torch
+
+    from .train import to_unit
+
+    pred = model.predict(to_unit(d["test_images"]))
+    return {a: float((pred[a] == torch.from_numpy(d[f"test_{a}"])).float().mean()) for a in ("style", *ATTRIBUTES)}
+
+
+def stage_classifier_render(s: Stages, out: Path) -> dict:
+    """Classifier trained on rendered images only (with generated-image-like augmentation)."""
+    import torch
+
+    from .classifier import ClassifierConfig, ToyClassifier, train_classifier
+
+    cfg = s.cfg
+    x, labels, d = _classifier_data(s)
+    torch.manual_seed(cfg.seed + 4)
+    model = ToyClassifier(ClassifierConfig(styles=list(cfg.styles), resolution=cfg.resolution))
+    train_classifier(model, x, labels, cfg.classifier_steps, cfg.seed + 4, progress=cfg.progress)
+    model.save(out)
+    return {"render_test_accuracy": _classifier_test(model, d)}
+
+
+def stage_cond(s: Stages, out: Path) -> dict:
+    """Cache caption conditioning (via the pipeline's encode_prompt) and the training latents."""
+    import torch
+
+    from .conditioning import encode_captions
+    from .models import make_pipeline, text_encoders_from_clip
+    from .train import encode_latents, pooled_rms, to_unit
+
+    cfg = s.cfg
+    tok, clip, vae = s.tokenizer(), s.clip(), s.vae()
+    scale = 1.0
+    if cfg.arch == "sdxl":  # fold 1/RMS of the pooled embedding into text_projection
+        scale = 1.0 / pooled_rms(text_encoders_from_clip(clip)[1], tok)
+    (out / "cond.json").write_text(json.dumps({"pooled_scale": scale}))
+    pipe = make_pipeline(cfg.arch, tok, text_encoders_from_clip(clip, scale), vae, unet=_new_unet(cfg))
+    table = encode_captions(pipe, all_captions(), cfg.resolution)
+    _save_tensors(out / "table.safetensors", table.state_dict())
+    d = s.data()
+    lat = encode_latents(vae, to_unit(d["images"]))
+    _save_tensors(out / "latents.safetensors", {"latents": lat, "caption_row": torch.from_numpy(d["caption_row"]),
+                                                 "style": torch.from_numpy(d["style"])})
+    return {"pooled_scale": scale, "prompt_embeds_std": float(table.prompt_embeds.std()),
+            "latent_std": float(lat.std())}
+
+
+def _new_unet(cfg: BuildConfig):
+    from .models import make_unet
+
+    width = cfg.clip.hidden
+    return make_unet(cfg.arch, cfg.unet, text_width=width, pooled_dim=cfg.clip.projection_dim,
+                     latent_size=cfg.latent_size)
+
+
+def _base_worker(rank: int, cfg: BuildConfig, cache: str, out: str, world: int) -> None:
+    """One data-parallel rank of the base training (each rank: batch_size / world samples per step)."""
+    import torch
+    import torch.distributed as dist
+
+    from .train import allreduce_mean_grads, train_unet
+
+    torch.set_num_threads(cfg.threads)
+    s = Stages(cfg, Path(cache))
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{out}/.ddp_rendezvous", rank=rank, world_size=world)
+    lat, table = s.latents(), s.table()
+    torch.manual_seed(cfg.seed + 5)  # identical initial weights on every rank
+    unet = _new_unet(cfg)
+    unet = train_unet(unet, lat["latents"], lat["caption_row"], table, cfg.base_steps, cfg.seed + 5 + 1000 * rank,
+                      lr=cfg.base_lr, warmup=min(100, cfg.base_steps // 10 + 1), batch_size=cfg.batch_size // world,
+                      desc="base", progress=cfg.progress and rank == 0,
+                      sync_grads=allreduce_mean_grads if world > 1 else None)
+    if rank == 0:
+        unet.save_pretrained(str(Path(out) / "unet"))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def stage_base(s: Stages, out: Path) -> dict:
+    """Base UNet on style-mixed data; data-parallel over `jobs` single-thread processes (gloo)."""
+    from .models import count_params
+
+    cfg = s.cfg
+    world = max(1, min(cfg.jobs, 2))
+    if world == 1:
+        _base_worker(0, cfg, str(s.cache), str(out), 1)
+    else:
+        import torch.multiprocessing as mp
+
+        mp.start_processes(_base_worker, args=(cfg, str(s.cache), str(out), world), nprocs=world,
+                           start_method="spawn")
+        rendezvous = out / ".ddp_rendezvous"
+        if rendezvous.exists():
+            rendezvous.unlink()
+    return {"params": count_params(s.unet_from(out)), "data_parallel_processes": world}
+
+
+def _sample_seeds(cfg: BuildConfig) -> dict:
+    return {"eval_prompts": cfg.seed + 101, "eval_noise": cfg.seed + 202,
+            "train_prompts": cfg.seed + 303, "train_noise": cfg.seed + 404}
+
+
+def _generate_sets(s: Stages, unet, out: Path, with_train: bool) -> None:
+    from .content import sample_contents
+    from .train import generate
+
+    cfg, seeds = s.cfg, _sample_seeds(s.cfg)
+    pipe = s.pipeline(unet)
+    caps = [c.caption for c in sample_contents(cfg.eval_samples, seeds["eval_prompts"])]
+    sets = {"eval": generate(pipe, caps, seeds["eval_noise"], cfg.sample_steps, cfg.guidance)}
+    if with_train and cfg.teacher_train_samples > 0:
+        caps = [c.caption for c in sample_contents(cfg.teacher_train_samples, seeds["train_prompts"])]
+        sets["train"] = generate(pipe, caps, seeds["train_noise"], cfg.sample_steps, cfg.guidance)
+    _save_tensors(out / "samples.safetensors", sets)
+
+
+def make_teacher_stage(style: str):
+    def stage_teacher(s: Stages, out: Path) -> dict:
+        """Fine-tune the base on one style only (captions never name it), then sample from it."""
+        import torch
+
+        from .train import train_unet
+
+        cfg = s.cfg
+        lat, table = s.latents(), s.table()
+        keep = lat["style"] == cfg.styles.index(style)
+        k = cfg.styles.index(style)
+        torch.manual_seed(cfg.seed + 10 + k)
+        unet = train_unet(s.unet("base"), lat["latents"][keep], lat["caption_row"][keep], table,
+                          cfg.teacher_steps, cfg.seed + 10 + k, lr=cfg.teacher_lr,
+                          warmup=min(20, cfg.teacher_steps // 10 + 1), batch_size=cfg.batch_size,
+                          ema_decay=0.99, desc=f"teacher {style}", progress=cfg.progress)
+        unet.save_pretrained(str(out / "unet"))
+        _generate_sets(s, unet, out, with_train=True)
+        return {}
+    return stage_teacher
+
+
+def stage_base_samples(s: Stages, out: Path) -> dict:
+    _generate_sets(s, s.unet("base"), out, with_train=False)
+    return {}
+
+
+def stage_classifier(s: Stages, out: Path) -> dict:
+    """Fine-tune the render-only classifier on rendered images + a few samples of each teacher
+    (style label only), so it is trusted on generated images. Evaluation uses other samples."""
+    import torch
+
+    from .classifier import ToyClassifier, train_classifier
+
+    cfg = s.cfg
+    model = ToyClassifier.load(s.dir("classifier_render"))
+    if cfg.teacher_train_samples > 0 and cfg.classifier_ft_steps > 0:
+        x, labels, d = _classifier_data(s)
+        gen = [_load_tensors(s.dir(f"teacher_{st}") / "samples.safetensors")["train"] for st in cfg.styles]
+        gl = torch.cat([torch.full((len(g),), k) for k, g in enumerate(gen)])
+        x = torch.cat([x] + gen)
+        # generated samples: up-weight by repetition so each batch holds some; content unknown (-1)
+        labels = {a: torch.cat([v, gl if a == "style" else torch.full_like(gl, -1)]) for a, v in labels.items()}
+        reps = max(1, len(x) // (8 * len(gl)))
+        extra = torch.arange(len(x) - len(gl), len(x)).repeat(reps)
+        idx = torch.cat([torch.arange(len(x)), extra])
+        torch.manual_seed(cfg.seed + 6)
+        train_classifier(model, x[idx], {a: v[idx] for a, v in labels.items()}, cfg.classifier_ft_steps,
+                         cfg.seed + 6, lr=5e-4, progress=cfg.progress)
+    else:
+        d = s.data()
+    model.save(out)
+    return {"render_test_accuracy": _classifier_test(model, d)}
+
+
+def _sample_report(model, images, contents, own: int | None, styles: list[str]) -> dict:
+    import torch
+
+    pred = model.predict(images)
+    hist = torch.bincount(pred["style"], minlength=len(styles)).tolist()
+    rep = {"n": len(images), "style_histogram": dict(zip(styles, hist)),
+           "content_accuracy": {a: float((pred[a] == torch.tensor([c.labels()[a] for c in contents])).float().mean())
+                                for a in ATTRIBUTES}}
+    if own is not None:
+        rep["own_style_accuracy"] = float((pred["style"] == own).float().mean())
+    return rep
+
+
+def stage_report(s: Stages, out: Path) -> dict:
+    """Judge every teacher (own-style accuracy) and the base on held-out samples."""
+    from .classifier import ToyClassifier
+    from .content import sample_contents
+
+    cfg = s.cfg
+    contents = sample_contents(cfg.eval_samples, _sample_seeds(cfg)["eval_prompts"])
+    final = ToyClassifier.load(s.dir("classifier"))
+    render_only = ToyClassifier.load(s.dir("classifier_render"))
+    teachers = {}
+    for k, st in enumerate(cfg.styles):
+        imgs = _load_tensors(s.dir(f"teacher_{st}") / "samples.safetensors")["eval"]
+        rep = _sample_report(final, imgs, contents, k, cfg.styles)
+        rep["own_style_accuracy_render_only_classifier"] = _sample_report(render_only, imgs, contents, k,
+                                                                          cfg.styles)["own_style_accuracy"]
+        teachers[st] = rep
+    base = _sample_report(final, _load_tensors(s.dir("base_samples") / "samples.safetensors")["eval"], contents,
+                          None, cfg.styles)
+    return {"teachers": teachers, "base": base}
+
+
+STAGES = {"tokenizer": stage_tokenizer, "data": stage_data, "clip": stage_clip, "vae": stage_vae,
+          "classifier_render": stage_classifier_render, "cond": stage_cond, "base": stage_base,
+          "base_samples": stage_base_samples, "classifier": stage_classifier, "report": stage_report}
+for _style in list_styles():
+    STAGES[f"teacher_{_style}"] = make_teacher_stage(_style)
+
+
+def _register_custom_styles(styles: list[str]) -> None:
+    for st in styles:
+        if f"teacher_{st}" not in STAGES:
+            STAGES[f"teacher_{st}"] = make_teacher_stage(st)
+
+
+# ------------------------------------------------------------------------------------------ assemble
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def assemble(s: Stages, records: dict, wall_s: float, stages_s: float, command: str) -> Path:
+    """Write the world folder (pipelines, CLIP, tokenizer, classifier, world.json) atomically."""
+    import torch
+
+    from .models import count_params
+
+    cfg = s.cfg
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    try:
+        s.tokenizer().save_pretrained(str(tmp / "tokenizer"))
+        shutil.copytree(s.dir("clip"), tmp / "clip", ignore=shutil.ignore_patterns("done.json"))
+        shutil.copytree(s.dir("classifier"), tmp / "classifier", ignore=shutil.ignore_patterns("done.json"))
+        teachers = {st: f"teachers/{st}" for st in cfg.styles}
+        for name, rel in [("base", "base")] + [(f"teacher_{st}", p) for st, p in teachers.items()]:
+            unet = s.unet(name)
+            pipe = s.pipeline(unet)
+            if cfg.half_precision:
+                pipe.unet.to(torch.float16)
+                pipe.vae.to(torch.float16)
+            pipe.save_pretrained(str(tmp / rel))
+        report = records["report"]["metrics"]
+        meta = {
+            "format": 1,
+            "seed": cfg.seed,
+            "arch": cfg.arch,
+            "scale": cfg.scale,
+            "styles": list(cfg.styles),
+            "registered_styles": list_styles(),
+            "resolution": cfg.resolution,
+            "latent_size": cfg.latent_size,
+            "vocabulary": vocabulary(),
+            "attributes": {a: list(attribute_values(a)) for a in ATTRIBUTES},
+            "n_captions": len(all_captions()),
+            "sampling": {"num_inference_steps": cfg.sample_steps, "guidance_scale": cfg.guidance},
+            "paths": {"base": "base", "teachers": teachers, "clip": "clip", "tokenizer": "tokenizer",
+                      "classifier": "classifier"},
+            "sizes": {"unet_params": count_params(s.unet("base")), "vae_params": count_params(s.vae()),
+                      "clip_params": records["clip"]["metrics"]["params"],
+                      "training_images": records["data"]["metrics"]["images"],
+                      "asset_bytes": _dir_bytes(tmp)},
+            "metrics": {
+                "clip_top1_of_64": records["clip"]["metrics"]["top1_of_64"],
+                "vae_test_mse": records["vae"]["metrics"]["test_mse"],
+                "classifier_render_test_accuracy": records["classifier"]["metrics"]["render_test_accuracy"],
+                "classifier_trained_on_teacher_samples": cfg.teacher_train_samples if cfg.classifier_ft_steps else 0,
+                "own_style_accuracy": {st: r["own_style_accuracy"] for st, r in report["teachers"].items()},
+                "teachers": report["teachers"],
+                "base": report["base"],
+                "eval_seeds": _sample_seeds(cfg),
+            },
+            "timings_s": {**{k: v["wall_s"] for k, v in records.items()}, "sum_of_stages": round(stages_s, 1),
+                          "this_run_wall_before_assembly": round(wall_s, 1)},
+            "build": {"command": command, "config": _jsonable(asdict(cfg))},
+        }
+        (tmp / WORLD_JSON).write_text(json.dumps(meta, indent=1))
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def build(cfg: BuildConfig, cache: str | os.PathLike | None = None, command: str = "") -> Path:
+    """Run (or resume) every stage and assemble the world folder at `cfg.out`."""
+    import torch
+
+    torch.set_num_threads(cfg.threads)
+    _register_custom_styles(cfg.styles)
+    stages = Stages(cfg, Path(cache) if cache else default_cache(cfg))
+    stages.cache.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    rec: dict = {}
+    teachers = [f"teacher_{st}" for st in cfg.styles]
+    rec.update(run_lanes(stages, [["tokenizer", "data"]]))
+    rec.update(run_lanes(stages, [["clip"], ["vae", "classifier_render"]]))
+    rec.update(run_lanes(stages, [["cond", "base"]]))
+    lanes = [teachers[0::2], teachers[1::2] + ["base_samples"]]
+    rec.update(run_lanes(stages, lanes))
+    rec.update(run_lanes(stages, [["classifier", "report"]]))
+    total = sum(r["wall_s"] for r in rec.values())  # a resumed build: stage times from the first run
+    wall = time.time() - t0
+    out = assemble(stages, rec, wall, total, command)
+    if cfg.progress:
+        print(f"toy world written to {out} in {wall:.0f}s (sum of stage times {total:.0f}s)", file=sys.stderr)
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(prog="python -m dmm.toyworld.build", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="assets/toyworld")
+    p.add_argument("--arch", choices=ARCHS, default="sdxl")
+    p.add_argument("--styles", default=None, help="comma-separated registered styles (default: %(default)s)")
+    p.add_argument("--scale", choices=("tiny", "full"), default="full")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=None, help="parallel single-thread worker processes")
+    p.add_argument("--cache", default=None, help="intermediate folder (default .cache/toyworld/<config>)")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = make_config(a.out, a.scale, arch=a.arch, styles=a.styles, seed=a.seed, jobs=a.jobs,
+                      progress=False if a.no_progress else None)
+    command = "python -m dmm.toyworld.build " + " ".join(argv if argv is not None else sys.argv[1:])
+    return build(cfg, a.cache, command)
+
+
+if __name__ == "__main__":
+    main()
