@@ -54,7 +54,7 @@ def summarise(recipe: Recipe, merged: str | Path, cache_root: str | Path = ".cac
             feats[key] = classifier.features(pixels).double()
             predicted = classifier.predict(pixels)["style"]
         images[key] = paths
-        target = world.style_names.index(key[1])
+        target = classifier.config.heads["style"].index(key[1])
         style_acc[key] = float((predicted == target).float().mean())
 
     m = fid_matrix([feats[("merged", n)] for n in names], [feats[("teacher", n)] for n in names])
