@@ -16,9 +16,9 @@ FeatureExtractor`` or wrap any ``nn.Module`` with :class:`ModuleFeatures`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -26,18 +26,18 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "FEATURE_EXTRACTORS",
+    "INCEPTION_WEIGHTS_NAME",
+    "RESIZE_MODES",
+    "FIDInceptionV3",
     "FeatureConfig",
     "FeatureExtractor",
-    "ModuleFeatures",
-    "FIDInceptionV3",
     "InceptionFeatures",
+    "ModuleFeatures",
     "ToyWorldFeatures",
-    "FEATURE_EXTRACTORS",
-    "register_feature_extractor",
     "build_feature_extractor",
-    "RESIZE_MODES",
+    "register_feature_extractor",
     "resize_images",
-    "INCEPTION_WEIGHTS_NAME",
 ]
 
 INCEPTION_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -291,7 +291,7 @@ class FIDInceptionV3(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
     @classmethod
-    def from_file(cls, path: str | Path | None, resize: str = "bilinear") -> "FIDInceptionV3":
+    def from_file(cls, path: str | Path | None, resize: str = "bilinear") -> FIDInceptionV3:
         """Load the FID weights from a local file; a clear error when it is missing or wrong."""
         if not path:
             raise FileNotFoundError(

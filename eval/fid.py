@@ -22,9 +22,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -32,9 +32,9 @@ import torch
 __all__ = [
     "FIDInputError",
     "FeatureStats",
-    "frechet_distance",
     "fid_matrix",
     "fid_trace",
+    "frechet_distance",
     "validate_features",
 ]
 
@@ -102,7 +102,7 @@ class FeatureStats:
     _key: bytes | None = field(default=None, repr=False)
 
     @classmethod
-    def from_features(cls, features, name: str = "", keep_samples: bool | None = None) -> "FeatureStats":
+    def from_features(cls, features, name: str = "", keep_samples: bool | None = None) -> FeatureStats:
         """Statistics of ``features`` ``[n, d]``.
 
         ``keep_samples``: keep the centred samples (they are the factor, see the module doc); by
@@ -166,7 +166,7 @@ class FeatureStats:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, name: str = "") -> "FeatureStats":
+    def load(cls, path: str | os.PathLike, name: str = "") -> FeatureStats:
         """Read statistics written by :meth:`save`; raise :class:`FIDInputError` if unusable."""
         path = Path(path)
         try:

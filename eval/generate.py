@@ -17,27 +17,27 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 __all__ = [
     "NEGATIVE_PROMPT",
-    "SamplingConfig",
-    "ImageSet",
     "GenerationCache",
+    "ImageSet",
     "ModelFolderError",
     "PromptFileError",
+    "SamplingConfig",
+    "atomic_write_bytes",
+    "atomic_write_text",
     "check_merged_folder",
     "check_pipeline_folder",
     "load_merged_pipeline",
-    "load_teacher_pipeline",
     "load_prompts",
-    "atomic_write_bytes",
-    "atomic_write_text",
+    "load_teacher_pipeline",
 ]
 
 NEGATIVE_PROMPT = "worst quality,low quality,normal quality,lowres,watermark,nsfw"  # the paper's
@@ -346,6 +346,10 @@ class GenerationCache:
         with torch.no_grad():
             out = pipe(**kwargs).images
         arr = np.asarray(out, dtype=np.float32)
+        if not np.isfinite(arr).all():  # never cache garbage as a valid image
+            raise FloatingPointError(
+                f"{s.label}: the pipeline {s.model} produced NaN/inf pixels for seeds {seeds}; "
+                "nothing was cached for this batch (try float32, or check the model weights)")
         return (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
 
     # ---------------------------------------------------------------- reading back

@@ -11,14 +11,14 @@ import io
 import json
 import platform
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from eval.generate import atomic_write_bytes, atomic_write_text
 
-__all__ = ["plot_fid_heatmaps", "image_grid", "write_json", "write_markdown", "package_versions", "safe_name"]
+__all__ = ["image_grid", "package_versions", "plot_fid_heatmaps", "safe_name", "write_json", "write_markdown"]
 
 
 def safe_name(text: str) -> str:
@@ -162,10 +162,10 @@ def write_markdown(path, report: dict) -> Path:
         "# DMM evaluation report",
         "",
         f"- merged model: `{report['merged']}`",
-        f"- teachers: " + ", ".join(f"{k} (`{v}`)" for k, v in report["teachers"].items()),
+        "- teachers: " + ", ".join(f"{k} (`{v}`)" for k, v in report["teachers"].items()),
         f"- samples per set: {st['num_samples']}, resolution {report.get('resolution')}, "
         f"sampler {st['sampling']['scheduler']} {st['sampling']['steps']} steps, CFG {st['sampling']['guidance_scale']}",
-        f"- negative prompt: `{st['sampling']['negative_prompt']}`",
+        f"- negative prompt: `{st['sampling']['negative_prompt']}` (settings: {st.get('sampling_source', 'given')})",
         f"- seeds: {st['seeds']}",
         f"- prompts: {st['prompts']['source']} ({st['prompts']['count']} distinct)",
         f"- FID features: {json.dumps(report['features'])}",

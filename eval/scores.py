@@ -17,9 +17,9 @@ Definitions (see /work/shared/notes/eval-facts.md):
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -27,18 +27,18 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "AESTHETIC_WEIGHTS_NAME",
+    "AestheticMLP",
     "BackendUnavailable",
     "ClipEmbedder",
     "HFClipEmbedder",
     "OpenClipEmbedder",
-    "build_embedder",
-    "AestheticMLP",
-    "load_aesthetic_mlp",
     "ScoreResult",
-    "clip_score",
     "aesthetic_score",
+    "build_embedder",
+    "clip_score",
+    "load_aesthetic_mlp",
     "pick_score",
-    "AESTHETIC_WEIGHTS_NAME",
 ]
 
 AESTHETIC_WEIGHTS_NAME = "sac+logos+ava1-l14-linearMSE.pth"
@@ -94,10 +94,17 @@ def _require_dir(path, what: str, setting: str) -> Path:
 class HFClipEmbedder(ClipEmbedder):
     """A transformers ``CLIPModel`` folder; ``processor`` folder defaults to the model folder."""
 
+    PREPROCESS = ("processor", "minus1to1")
+
     def __init__(self, model_dir, processor_dir=None, device: str = "cpu", setting: str = "--clip-model",
-                 max_length: int = 77):
+                 max_length: int = 77, preprocess: str = "processor"):
+        """``preprocess``: "processor" (the folder's CLIP image processor, or CLIP's resize/crop/mean/std
+        defaults) or "minus1to1" (resize to the model's size, then 2x - 1: the toy world's CLIP)."""
         from transformers import CLIPModel, CLIPTokenizer
 
+        if preprocess not in self.PREPROCESS:
+            raise ValueError(f"unknown CLIP preprocessing {preprocess!r}; choose one of {self.PREPROCESS}")
+        self.preprocess = preprocess
         model_dir = _require_dir(model_dir, "CLIP model", setting)
         proc_dir = Path(processor_dir) if processor_dir else model_dir
         if not proc_dir.is_dir():
@@ -115,6 +122,8 @@ class HFClipEmbedder(ClipEmbedder):
         self.logit_scale = float(self.model.logit_scale.detach().exp())
         name = getattr(self.model.config, "_name_or_path", "") or ""
         self.backbone = f"hf:{model_dir.resolve()}" + (f" ({name})" if name and name != str(model_dir) else "")
+        if preprocess != "processor":
+            self.backbone += f" [preprocess {preprocess}]"
 
     def _image_processor(self, folder: Path):
         try:
@@ -127,6 +136,12 @@ class HFClipEmbedder(ClipEmbedder):
         return Proc(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        if self.preprocess == "minus1to1":
+            size = self.model.config.vision_config.image_size
+            x = images.float().clamp(0, 1)
+            if tuple(x.shape[-2:]) != (size, size):
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            return (x * 2 - 1).to(self.device)
         out = self.image_processor(images=_to_pil(images), return_tensors="pt")
         return out["pixel_values"].to(self.device)
 
@@ -149,7 +164,7 @@ class OpenClipEmbedder(ClipEmbedder):
 
     def __init__(self, model_name: str, pretrained: str, device: str = "cpu"):
         try:
-            import open_clip  # noqa: F401
+            import open_clip
         except Exception as exc:  # ImportError, or torchvision failing to load its ops
             raise BackendUnavailable(
                 f"open_clip backend unavailable: importing open_clip failed ({type(exc).__name__}: {exc}). "
@@ -176,7 +191,7 @@ class OpenClipEmbedder(ClipEmbedder):
 
 
 def build_embedder(spec: str, processor: str | None = None, device: str = "cpu",
-                   setting: str = "--clip-model") -> ClipEmbedder:
+                   setting: str = "--clip-model", preprocess: str = "processor") -> ClipEmbedder:
     """``spec``: an HF ``CLIPModel`` folder, or ``open_clip:MODEL_NAME:WEIGHTS_FILE``."""
     if spec.startswith("open_clip:"):
         try:
@@ -184,7 +199,7 @@ def build_embedder(spec: str, processor: str | None = None, device: str = "cpu",
         except ValueError as exc:
             raise ValueError(f"{setting}: expected open_clip:MODEL_NAME:WEIGHTS_FILE, got {spec!r}") from exc
         return OpenClipEmbedder(name, weights, device=device)
-    return HFClipEmbedder(spec, processor, device=device, setting=setting)
+    return HFClipEmbedder(spec, processor, device=device, setting=setting, preprocess=preprocess)
 
 
 def _embed_in_batches(fn, items, batch_size: int) -> torch.Tensor:

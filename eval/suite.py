@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import hashlib
-import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,13 +37,28 @@ import torch
 
 from eval.features import RESIZE_MODES, FeatureConfig, ToyWorldFeatures, build_feature_extractor
 from eval.fid import FeatureStats, fid_matrix, fid_trace
-from eval.generate import (NEGATIVE_PROMPT, GenerationCache, ImageSet, ModelFolderError, SamplingConfig,
-                           check_merged_folder, check_pipeline_folder, load_prompts)
+from eval.generate import (
+    NEGATIVE_PROMPT,
+    GenerationCache,
+    ImageSet,
+    ModelFolderError,
+    SamplingConfig,
+    check_merged_folder,
+    check_pipeline_folder,
+    load_prompts,
+)
 from eval.report import image_grid, package_versions, plot_fid_heatmaps, safe_name, write_json, write_markdown
-from eval.scores import (AESTHETIC_WEIGHTS_NAME, BackendUnavailable, aesthetic_score, build_embedder, clip_score,
-                         load_aesthetic_mlp, pick_score)
+from eval.scores import (
+    AESTHETIC_WEIGHTS_NAME,
+    BackendUnavailable,
+    aesthetic_score,
+    build_embedder,
+    clip_score,
+    load_aesthetic_mlp,
+    pick_score,
+)
 
-__all__ = ["SuiteConfig", "run_suite", "teachers_from_recipe", "main"]
+__all__ = ["SuiteConfig", "main", "run_suite", "teachers_from_recipe"]
 
 INTERP_WEIGHTS = [round(0.1 * k, 1) for k in range(11)]
 
@@ -60,10 +74,14 @@ class SuiteConfig:
     seed: int = 0  # merged and teacher batches: seeds seed .. seed+n-1
     ref_seed: int = 1_000_000  # teacher reference batch: ref_seed .. ref_seed+n-1
     reference: bool = True  # sample the reference batch and compute M_ref
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # None: the paper's settings, or in toy mode (toy prompts) the toy world's steps and CFG with no
+    # negative prompt (its words are outside the toy vocabulary); overrides apply on top of either
+    sampling: SamplingConfig | None = None
+    sampling_overrides: dict = field(default_factory=dict)
     features: FeatureConfig = field(default_factory=lambda: FeatureConfig(name="auto"))
     clip_model: str | None = None  # HF CLIPModel folder or open_clip:NAME:FILE; None: the toy CLIP if any
-    clip_processor: str | None = None
+    clip_processor: str | None = None  # None: the model folder (toy: the world's tokenizer)
+    clip_preprocess: str | None = None  # processor | minus1to1; None: minus1to1 for the toy CLIP
     aesthetic_weights: str | None = None
     aesthetic_clip: str | None = None  # CLIP ViT-L/14 (HF folder or open_clip:ViT-L-14:FILE)
     pick_model: str | None = None
@@ -77,9 +95,10 @@ class SuiteConfig:
     progress: bool = True
 
 
-def teachers_from_recipe(path) -> dict[str, str]:
-    """``teachers:`` list of ``{name, path}`` from a recipe YAML; relative paths are tried from the
-    current folder first, then from the recipe's folder."""
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _read_recipe(path) -> dict:
     import yaml
 
     p = Path(path)
@@ -87,17 +106,41 @@ def teachers_from_recipe(path) -> dict[str, str]:
         data = yaml.safe_load(p.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ValueError(f"cannot read recipe {p}: {type(exc).__name__}: {exc}") from exc
-    items = (data or {}).get("teachers") if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
+def _recipe_path(p: Path, value: str) -> str:
+    """A relative recipe path as it resolves: from the current folder, the recipe's, or the repo root."""
+    tp = Path(value)
+    if tp.is_absolute() or tp.exists():
+        return str(tp)
+    for root in (p.parent, REPO_ROOT):
+        if (root / tp).exists():
+            return str(root / tp)
+    return str(tp)
+
+
+def recipe_toyworld(path) -> str | None:
+    """The toy world a recipe trains on (``data.toyworld.world``), if any."""
+    data = _read_recipe(path).get("data") or {}
+    toy = data.get("toyworld") if isinstance(data, dict) else None
+    world = toy.get("world") if isinstance(toy, dict) else None
+    return _recipe_path(Path(path), str(world)) if world else None
+
+
+def teachers_from_recipe(path) -> dict[str, str]:
+    """``teachers:`` list of ``{name, path}`` from a recipe YAML; relative paths are tried from the
+    current folder, then the recipe's folder, then the repository root."""
+    p = Path(path)
+    data = _read_recipe(p)
+    items = data.get("teachers")
     if not isinstance(items, list) or not items:
         raise ValueError(f"recipe {p} has no 'teachers:' list of {{name: ..., path: ...}}")
     out = {}
     for t in items:
         if not isinstance(t, dict) or "name" not in t or "path" not in t:
             raise ValueError(f"recipe {p}: each teacher needs 'name' and 'path', got {t!r}")
-        tp = Path(str(t["path"]))
-        if not tp.is_absolute() and not tp.exists() and (p.parent / tp).exists():
-            tp = p.parent / tp
-        out[str(t["name"])] = str(tp)
+        out[str(t["name"])] = _recipe_path(p, str(t["path"]))
     return out
 
 
@@ -106,8 +149,6 @@ def _load_world(path):
         from dmm.toyworld import load_world
     except ImportError as exc:
         return None, f"dmm.toyworld is not importable ({exc})"
-    if not Path(path).exists():
-        return None, f"no toy world at {path}"
     try:
         return load_world(path), None
     except Exception as exc:  # a half-built world folder
@@ -175,12 +216,14 @@ def run_suite(cfg: SuiteConfig) -> dict:
         prompt_source = f"toy world {cfg.toyworld} prompts(n={cfg.num_samples}, seed={cfg.seed})"
     else:
         raise ValueError(f"no prompts: pass --prompts FILE (one caption per line); the toy default failed: {world_reason}")
+    toy_mode = cfg.prompts is None
+    sampling, sampling_source = _resolve_sampling(cfg, world if toy_mode else None)
     prompts = [pool[k % len(pool)] for k in range(cfg.num_samples)]
     seeds = [cfg.seed + k for k in range(cfg.num_samples)]
     ref_seeds = [cfg.ref_seed + k for k in range(cfg.num_samples)]
 
     # feature extractor
-    fcfg = FeatureConfig(**{**asdict(cfg.features)})
+    fcfg = FeatureConfig(**asdict(cfg.features))
     if fcfg.name == "auto":
         if fcfg.weights:
             fcfg.name = "inception"
@@ -190,12 +233,12 @@ def run_suite(cfg: SuiteConfig) -> dict:
             raise ValueError("no FID feature network: pass --inception-weights FILE "
                              f"(pt_inception-2015-12-05-6726825d.pth) or --features NAME ({world_reason})")
     fcfg.toyworld = cfg.toyworld
-    fcfg.device = cfg.sampling.device
+    fcfg.device = sampling.device
     extractor = (ToyWorldFeatures(world, cfg.toyworld, fcfg.device) if fcfg.name == "toyworld" and world is not None
                  else build_feature_extractor(fcfg))
 
     # image sets
-    cache = GenerationCache(cfg.cache or out / "cache", cfg.sampling, progress=_Progress(cfg.progress))
+    cache = GenerationCache(cfg.cache or out / "cache", sampling, progress=_Progress(cfg.progress))
     merged_sets = [ImageSet(f"merged/{s}", cfg.merged, "merged", s, prompts, seeds) for s in styles]
     teacher_sets = [ImageSet(f"teacher/{t}", cfg.teachers[t], "teacher", None, prompts, seeds) for t in teacher_order]
     ref_sets = [ImageSet(f"teacher-ref/{t}", cfg.teachers[t], "teacher", None, prompts, ref_seeds)
@@ -234,7 +277,7 @@ def run_suite(cfg: SuiteConfig) -> dict:
 
     # scores
     score_sets = merged_sets + teacher_sets + extra_sets
-    scores = _scores(cfg, world, world_reason, score_sets, paths, cache)
+    scores = _scores(cfg, world, world_reason, score_sets, paths, cache, sampling.device)
 
     # toy: does the classifier see the requested style?
     style_acc = _style_accuracy(world, extractor, merged_sets + teacher_sets, styles + teacher_order, paths, cache)
@@ -270,7 +313,8 @@ def run_suite(cfg: SuiteConfig) -> dict:
                       "teacher_reference": [cfg.ref_seed, cfg.ref_seed + cfg.num_samples - 1] if cfg.reference else None},
             "prompts": {"source": prompt_source, "count": len(set(prompts)),
                         "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()},
-            "sampling": asdict(cfg.sampling),
+            "sampling": asdict(sampling),
+            "sampling_source": sampling_source,
         },
         "features": {**extractor.describe(), "samples_per_set": cfg.num_samples},
         "fid": fid,
@@ -287,16 +331,34 @@ def run_suite(cfg: SuiteConfig) -> dict:
     return report
 
 
-def _scores(cfg, world, world_reason, sets, paths, cache) -> dict:
+def _resolve_sampling(cfg: SuiteConfig, toy_world) -> tuple[SamplingConfig, str]:
+    if cfg.sampling is not None:
+        base, source = cfg.sampling, "given"
+    elif toy_world is not None:
+        toy = dict(getattr(toy_world, "sampling", {}) or {})
+        base = SamplingConfig(steps=int(toy.get("num_inference_steps", 25)),
+                              guidance_scale=float(toy.get("guidance_scale", 7.0)), negative_prompt="")
+        source = "toy world defaults (world.json sampling, no negative prompt)"
+    else:
+        base, source = SamplingConfig(), "paper defaults (DPM-Solver++, 25 steps, CFG 7, its negative prompt)"
+    if cfg.sampling_overrides:
+        base = SamplingConfig(**{**asdict(base), **cfg.sampling_overrides})
+        source += f"; overridden: {', '.join(sorted(cfg.sampling_overrides))}"
+    return base, source
+
+
+def _scores(cfg, world, world_reason, sets, paths, cache, device) -> dict:
     out = {}
-    device = cfg.sampling.device
+    toy_clip = cfg.clip_model is None and world is not None
     clip_spec = cfg.clip_model or (str(world.clip_path) if world is not None else None)
+    clip_processor = cfg.clip_processor or (str(world.tokenizer_path) if toy_clip else None)
+    clip_preprocess = cfg.clip_preprocess or ("minus1to1" if toy_clip else "processor")
     embedders = {}
 
-    def embedder(spec, processor, setting):
-        key = (spec, processor)
+    def embedder(spec, processor, setting, preprocess="processor"):
+        key = (spec, processor, preprocess)
         if key not in embedders:
-            embedders[key] = build_embedder(spec, processor, device=device, setting=setting)
+            embedders[key] = build_embedder(spec, processor, device=device, setting=setting, preprocess=preprocess)
         return embedders[key]
 
     def run(name, fn):
@@ -314,7 +376,7 @@ def _scores(cfg, world, world_reason, sets, paths, cache) -> dict:
         out["clip_score"] = {"skipped": f"no CLIP model: pass --clip-model (toy default unavailable: {world_reason})"}
     else:
         def f(s):
-            e = embedder(clip_spec, cfg.clip_processor, "--clip-model")
+            e = embedder(clip_spec, clip_processor, "--clip-model", clip_preprocess)
             return clip_score(e, cache.load_images(paths[s.label]), s.prompts), e.backbone
         run("clip_score", f)
     if not cfg.aesthetic_weights:
@@ -395,15 +457,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="first seed of the merged/teacher batches (default 0)")
     g.add_argument("--ref-seed", type=int, default=1_000_000, help="first seed of the teacher reference batch")
     g.add_argument("--no-reference", action="store_true", help="skip the reference batch and M_ref")
-    g.add_argument("--steps", type=int, default=25, help="inference steps (default 25)")
-    g.add_argument("--guidance-scale", type=float, default=7.0, help="CFG scale (default 7)")
-    g.add_argument("--negative-prompt", default=NEGATIVE_PROMPT, help="default: the paper's (%(default)r)")
-    g.add_argument("--scheduler", choices=["dpmsolver++", "pipeline"], default="dpmsolver++",
+    g.add_argument("--steps", type=int, help="inference steps (default 25; toy prompts: the toy world's)")
+    g.add_argument("--guidance-scale", type=float, help="CFG scale (default 7; toy prompts: the toy world's)")
+    g.add_argument("--negative-prompt", help=f"default: the paper's ({NEGATIVE_PROMPT!r}); toy prompts: none")
+    g.add_argument("--scheduler", choices=["dpmsolver++", "pipeline"],
                    help="DPM-Solver++ (default) or the folder's own scheduler")
     g.add_argument("--height", type=int, default=None, help="default: the pipeline's")
     g.add_argument("--width", type=int, default=None, help="default: the pipeline's")
-    g.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (does not change images)")
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--batch-size", type=int, help="images per pipeline call (default 8; does not change images)")
+    g.add_argument("--device", help="torch device (default cpu)")
     g = p.add_argument_group("FID features")
     g.add_argument("--features", default="auto", help="registered extractor: inception, toyworld, ... (auto: "
                    "inception when --inception-weights is given, else the toy world's)")
@@ -413,7 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("scores (skipped with a reason when not given)")
     g.add_argument("--clip-model", help="CLIP score backbone: HF CLIPModel folder or open_clip:NAME:WEIGHTS_FILE "
                    "(default: the toy world's CLIP)")
-    g.add_argument("--clip-processor", help="tokenizer/image-processor folder (default: the model folder)")
+    g.add_argument("--clip-processor", help="tokenizer/image-processor folder (default: the model folder; toy: "
+                   "the world's tokenizer)")
+    g.add_argument("--clip-preprocess", choices=["processor", "minus1to1"],
+                   help="image input of the CLIP: its image processor (default) or 2x-1 at native size (toy CLIP)")
     g.add_argument("--aesthetic-weights", metavar="FILE", help=f"LAION aesthetic v2 MLP ({AESTHETIC_WEIGHTS_NAME})")
     g.add_argument("--aesthetic-clip", help="CLIP ViT-L/14 for the aesthetic MLP (HF folder or open_clip:...)")
     g.add_argument("--pick-model", help="PickScore_v1 CLIPModel folder")
@@ -426,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also draw a strip at weights 0.0..1.0 between two styles (Figure 10)")
     g.add_argument("--interp-prompts", type=int, default=2, help="rows (prompts) in the interpolation strip")
     g.add_argument("--mix", nargs="+", metavar="STYLE", help="also score an equal-weight mixture of these styles")
-    g.add_argument("--toyworld", default="assets/toyworld", help="toy world folder (toy defaults)")
+    g.add_argument("--toyworld", help="toy world folder for the toy defaults (default: the recipe's "
+                   "data.toyworld.world, else assets/toyworld)")
     g.add_argument("--no-progress", action="store_true")
     return p
 
@@ -437,14 +503,16 @@ def config_from_args(args) -> SuiteConfig:
     return SuiteConfig(
         merged=args.merged, teachers=teachers, out=args.out, cache=args.cache, prompts=args.prompts,
         num_samples=args.num_samples, seed=args.seed, ref_seed=args.ref_seed, reference=not args.no_reference,
-        sampling=SamplingConfig(steps=args.steps, guidance_scale=args.guidance_scale,
-                                negative_prompt=args.negative_prompt, scheduler=args.scheduler, height=args.height,
-                                width=args.width, batch_size=args.batch_size, device=args.device),
-        features=FeatureConfig(name=args.features, weights=args.inception_weights, resize=args.resize,
-                               device=args.device),
-        clip_model=args.clip_model, clip_processor=args.clip_processor, aesthetic_weights=args.aesthetic_weights,
+        sampling_overrides={k: v for k, v in dict(
+            steps=args.steps, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+            scheduler=args.scheduler, height=args.height, width=args.width, batch_size=args.batch_size,
+            device=args.device).items() if v is not None},
+        features=FeatureConfig(name=args.features, weights=args.inception_weights, resize=args.resize),
+        clip_model=args.clip_model, clip_processor=args.clip_processor, clip_preprocess=args.clip_preprocess,
+        aesthetic_weights=args.aesthetic_weights,
         aesthetic_clip=args.aesthetic_clip, pick_model=args.pick_model, pick_processor=args.pick_processor,
-        toyworld=args.toyworld, grid_images=args.grid_images,
+        toyworld=args.toyworld or (args.teachers_from_recipe and recipe_toyworld(args.teachers_from_recipe))
+        or str(REPO_ROOT / "assets" / "toyworld"), grid_images=args.grid_images,
         interpolate=tuple(args.interpolate) if args.interpolate else None, interp_prompts=args.interp_prompts,
         mix=args.mix, baselines=dict(args.baseline), progress=not args.no_progress,
     )
@@ -454,7 +522,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         report = run_suite(config_from_args(args))
-    except (ValueError, FileNotFoundError, ModelFolderError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, ModelFolderError, KeyError, FloatingPointError) as exc:
         print(f"eval.suite: error: {exc}", file=sys.stderr)
         return 2
     fid = report["fid"]

@@ -3,8 +3,15 @@
 import pytest
 import torch
 
-from eval.features import (FEATURE_EXTRACTORS, FeatureConfig, FIDInceptionV3, ModuleFeatures,
-                           build_feature_extractor, register_feature_extractor, resize_images)
+from eval.features import (
+    FEATURE_EXTRACTORS,
+    FeatureConfig,
+    FIDInceptionV3,
+    ModuleFeatures,
+    build_feature_extractor,
+    register_feature_extractor,
+    resize_images,
+)
 
 # name -> shape of a few parameters of the standard FID network (pt_inception-2015-12-05 layout)
 EXPECTED = {

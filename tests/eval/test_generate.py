@@ -5,8 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from eval.generate import (GenerationCache, ImageSet, ModelFolderError, PromptFileError, SamplingConfig,
-                           check_merged_folder, load_prompts)
+from eval.generate import (
+    GenerationCache,
+    ImageSet,
+    ModelFolderError,
+    PromptFileError,
+    SamplingConfig,
+    check_merged_folder,
+    load_prompts,
+)
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "small red square", "large blue circle"]
 

@@ -4,8 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from eval.scores import (AestheticMLP, BackendUnavailable, HFClipEmbedder, OpenClipEmbedder, aesthetic_score,
-                         build_embedder, clip_score, load_aesthetic_mlp, pick_score)
+from eval.scores import (
+    AestheticMLP,
+    BackendUnavailable,
+    HFClipEmbedder,
+    OpenClipEmbedder,
+    aesthetic_score,
+    build_embedder,
+    clip_score,
+    load_aesthetic_mlp,
+    pick_score,
+)
 
 PROMPTS = ["a red circle", "a blue square on the left", "small green triangle"]
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
