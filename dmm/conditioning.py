@@ -80,23 +80,25 @@ class BaseModel:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
-    def _encode_one(self, caption: str) -> tuple:
-        if caption in self._cache:
-            return self._cache[caption]
+    def _encode_new(self, captions: list[str]) -> None:
+        """Encode captions not seen before in one batched call and remember them (bounded cache)."""
         if self.arch.uses_text_time:
-            embeds, _, pooled, _ = self.pipe.encode_prompt(caption, device="cpu", num_images_per_prompt=1,
+            embeds, _, pooled, _ = self.pipe.encode_prompt(captions, device="cpu", num_images_per_prompt=1,
                                                            do_classifier_free_guidance=False)
-            value = (embeds[0], pooled[0])
         else:
-            embeds, _ = self.pipe.encode_prompt(caption, "cpu", 1, False)
-            value = (embeds[0], None)
-        if len(self._cache) < self._cache_size:
-            self._cache[caption] = value
-        return value
+            embeds, _ = self.pipe.encode_prompt(captions, "cpu", 1, False)
+            pooled = [None] * len(captions)
+        for caption, e, p in zip(captions, embeds, pooled):
+            if len(self._cache) >= self._cache_size:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[caption] = (e, p)
 
     @torch.no_grad()
     def encode_captions(self, captions: list[str]) -> Conditioning:
-        encoded = [self._encode_one(c) for c in captions]
+        new = list(dict.fromkeys(c for c in captions if c not in self._cache))
+        if new:
+            self._encode_new(new)
+        encoded = [self._cache[c] for c in captions]
         hidden = torch.stack([e[0] for e in encoded])
         if not self.arch.uses_text_time:
             return Conditioning(hidden, None)
