@@ -286,24 +286,27 @@ class GenerationCache:
         return self._pipes[k]
 
     # ---------------------------------------------------------------- generation
-    def _expected_size(self, folder: Path) -> tuple[int, int] | None:
-        meta = folder / "set.json"
+    def _read_meta(self, s: ImageSet, folder: Path) -> dict:
+        """The set's ``set.json``; rewritten from the key when missing or unreadable."""
+        path = folder / "set.json"
         try:
-            size = json.loads(meta.read_text()).get("image_size")
-            return tuple(size) if size else None
+            meta = json.loads(path.read_text())
+            if isinstance(meta, dict) and meta.get("model_fingerprint") == self.fingerprint(s.model):
+                return meta
         except (OSError, ValueError):
-            return None
+            pass
+        meta = {**self.set_key(s), "label": s.label}
+        atomic_write_text(path, json.dumps(meta, indent=2))
+        return meta
 
     def ensure(self, s: ImageSet, on_image: Callable[[Path], None] | None = None) -> list[Path]:
         """Make sure every image of ``s`` exists; return the image paths in sample order."""
         folder = self.set_dir(s)
         folder.mkdir(parents=True, exist_ok=True)
-        meta_path = folder / "set.json"
-        if not meta_path.is_file():
-            atomic_write_text(meta_path, json.dumps({**self.set_key(s), "label": s.label}, indent=2))
+        meta = self._read_meta(s, folder)
         names = s.file_names()
         paths = [folder / n for n in names]
-        size = self._expected_size(folder)
+        size = tuple(meta["image_size"]) if meta.get("image_size") else None
         todo = [i for i, p in enumerate(paths) if not (p.is_file() and _png_ok(p, size))]
         # unique (prompt, seed) pairs only; duplicates share one file
         seen, unique = set(), []
@@ -317,9 +320,8 @@ class GenerationCache:
             images = self._sample(s, [s.prompts[i] for i in idx], [s.seeds[i] for i in idx])
             if size is None:
                 size = (images.shape[2], images.shape[1])
-                meta = json.loads(meta_path.read_text())
                 meta["image_size"] = list(size)
-                atomic_write_text(meta_path, json.dumps(meta, indent=2))
+                atomic_write_text(folder / "set.json", json.dumps(meta, indent=2))
             for i, img in zip(idx, images):
                 _save_png(paths[i], img)
                 self.generated += 1

@@ -178,7 +178,7 @@ class _Progress:
 
         bar = self._bars.get(label)
         if bar is None:
-            bar = self._bars[label] = tqdm(total=total, desc=f"generate {label}", unit="batch", leave=False)
+            bar = self._bars[label] = tqdm(total=total, desc=f"generate {label}", unit="img", leave=False)
         bar.n = done
         bar.refresh()
         if done >= total:
@@ -403,7 +403,9 @@ def _scores(cfg, world, world_reason, sets, paths, cache, device) -> dict:
 def _style_accuracy(world, extractor, sets, styles, paths, cache) -> dict:
     if world is None or not isinstance(extractor, ToyWorldFeatures) or not hasattr(world.classifier, "predict"):
         return {}
-    names = list(getattr(world, "style_names", []))
+    clf = world.classifier
+    heads = getattr(getattr(clf, "config", None), "heads", None)  # the classifier's own class order
+    names = list(heads["style"]) if isinstance(heads, dict) and "style" in heads else list(world.style_names)
     out = {}
     for s, style in zip(sets, styles):
         if style not in names:

@@ -103,6 +103,12 @@ def test_features_are_cached_per_image(tiny_models, tmp_path):
     f2 = cache.features(s, paths, ext)
     assert torch.equal(f1, f2) and sum(calls) == 3  # read back, not recomputed
     torch.testing.assert_close(f1, GenerationCache.load_images(paths).double().mean(dim=(2, 3)))
+    # a damaged feature cache or set.json is not trusted: recomputed / rewritten, same result
+    for f in cache.set_dir(s).glob("features-*.npz"):
+        f.write_bytes(b"PK\x03\x04 truncated")
+    (cache.set_dir(s) / "set.json").write_text("{not json")
+    f3 = cache.features(s, cache.ensure(s), ext)
+    assert torch.equal(f1, f3) and sum(calls) == 6 and cache.generated == 3
 
 
 def test_not_a_merged_model_says_what_was_expected(tiny_models, tmp_path):
