@@ -527,6 +527,10 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, ModelFolderError, KeyError, FloatingPointError) as exc:
         print(f"eval.suite: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("eval.suite: interrupted; finished images and features are cached: rerun the same command "
+              "to continue where it stopped", file=sys.stderr)
+        return 130
     fid = report["fid"]
     ref = "" if fid["FIDt_ref"] is None else f", teacher reference FIDt {fid['FIDt_ref']:.2f}"
     print(f"FIDt {fid['FIDt']:.2f}{ref}; report: {Path(args.out) / 'report.md'}")

@@ -44,7 +44,8 @@ def test_suite_writes_full_report_and_resumes(tiny_models, tiny_clip_dir, colour
     out = tmp_path / "eval"
     styles = tiny_models["styles"]
     rc = main(_args(tiny_models, out, prompts, colour_features, tiny_clip_dir,
-                    "--interpolate", styles[0], styles[1], "--interp-prompts", "1", "--mix", *styles))
+                    "--interpolate", styles[0], styles[1], "--interp-prompts", "1", "--mix", *styles,
+                    "--baseline", f"wm={tiny_models['base']}"))
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     fid = report["fid"]
@@ -60,10 +61,11 @@ def test_suite_writes_full_report_and_resumes(tiny_models, tiny_clip_dir, colour
     clip = report["scores"]["clip_score"]
     assert str(Path(tiny_clip_dir).resolve()) in clip["backbone"]
     assert set(clip["per_set"]) == {f"merged/{s}" for s in styles} | {f"teacher/{s}" for s in styles} | {
-        f"merged/mix({'+'.join(styles)})"}
+        f"merged/mix({'+'.join(styles)})", "baseline/wm"}
     assert "skipped" in report["scores"]["aesthetic"] and "skipped" in report["scores"]["pick_score"]
-    # merged, teacher, reference, mix, strip; the strip's 0.5/0.5 image is the mix's first (cached)
-    assert report["generated_this_run"] == 2 * 4 * 3 + 4 + 11 - 1
+    # merged, teacher, reference, mix, baseline, strip; the strip's 0.5/0.5 image is the mix's first
+    assert report["generated_this_run"] == 2 * 4 * 3 + 4 + 4 + 11 - 1
+    assert report["baselines"] == {"wm": tiny_models["base"]}
     for name in ["fid_heatmaps.png", *report["files"]["grids"].values(), report["files"]["interpolation"]]:
         with Image.open(out / name) as im:
             im.verify()
