@@ -5,8 +5,8 @@ Same process, same float64 features, both timed from raw features (statistics in
   * torchmetrics: for each pair a FrechetInceptionDistance(feature=<identity module>),
                   update(teacher j, real=True), update(student i, real=False), compute()
 
-Run (about 4 minutes on 2 shared CPU cores at the defaults; run it once):
-  HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/fid_matrix.py
+Run (5-10 minutes on 2 shared CPU cores at the defaults, mostly torchmetrics; run it once):
+  HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/fid_matrix.py --threads 1
 Quick look (extrapolates the torchmetrics time from a few pairs, says so):
   .venv/bin/python benchmarks/fid_matrix.py --torchmetrics-pairs 4
 """
