@@ -201,6 +201,7 @@ def run_suite(cfg: SuiteConfig) -> dict:
     styles, teacher_order, pairing = _pair_styles(style_names, cfg.teachers)
     if cfg.num_samples < 2:
         raise ValueError(f"--num-samples must be at least 2 (a covariance needs 2 samples), got {cfg.num_samples}")
+    _preflight(cfg, style_names)  # fail before hours of sampling, not after
 
     world, world_reason = None, None
     needs_world = cfg.prompts is None or cfg.features.name in ("auto", "toyworld") or cfg.clip_model is None
@@ -245,9 +246,6 @@ def run_suite(cfg: SuiteConfig) -> dict:
                 for t in teacher_order] if cfg.reference else []
     extra_sets = []
     if cfg.mix:
-        unknown = [s for s in cfg.mix if s not in style_names]
-        if unknown or len(cfg.mix) < 2:
-            raise ValueError(f"--mix needs at least two styles of {style_names}, got {cfg.mix}")
         weights = {s: 1.0 / len(cfg.mix) for s in cfg.mix}
         extra_sets.append(ImageSet(f"merged/mix({'+'.join(cfg.mix)})", cfg.merged, "merged", weights, prompts, seeds))
     extra_sets += [ImageSet(f"baseline/{n}", p, "teacher", None, prompts, seeds) for n, p in cfg.baselines.items()]
@@ -329,6 +327,27 @@ def run_suite(cfg: SuiteConfig) -> dict:
     write_json(out / "report.json", report)
     write_markdown(out / "report.md", report)
     return report
+
+
+def _preflight(cfg: SuiteConfig, style_names: list[str]) -> None:
+    """Check every option that would otherwise fail only after generation."""
+    from eval.scores import _require_dir
+
+    if cfg.mix is not None and (len(cfg.mix) < 2 or any(s not in style_names for s in cfg.mix)):
+        raise ValueError(f"--mix needs at least two styles of {style_names}, got {cfg.mix}")
+    if cfg.interpolate:
+        for s in cfg.interpolate:
+            if s not in style_names:
+                raise ValueError(f"--interpolate: unknown style {s!r}; the merged model has {style_names}")
+    if cfg.aesthetic_weights:
+        load_aesthetic_mlp(cfg.aesthetic_weights)
+    for spec, setting in ((cfg.clip_model, "--clip-model"), (cfg.aesthetic_clip, "--aesthetic-clip"),
+                          (cfg.pick_model, "--pick-model")):
+        if spec and not spec.startswith("open_clip:"):
+            _require_dir(spec, "CLIP model", setting)
+    for folder, setting in ((cfg.clip_processor, "--clip-processor"), (cfg.pick_processor, "--pick-processor")):
+        if folder and not Path(folder).is_dir():
+            raise FileNotFoundError(f"processor folder not found: {folder} (set by {setting})")
 
 
 def _resolve_sampling(cfg: SuiteConfig, toy_world) -> tuple[SamplingConfig, str]:
@@ -418,9 +437,6 @@ def _style_accuracy(world, extractor, sets, styles, paths, cache) -> dict:
 
 def _interpolation(cfg, style_names, prompts, seeds, cache, out: Path) -> str:
     a, b = cfg.interpolate
-    for s in (a, b):
-        if s not in style_names:
-            raise ValueError(f"--interpolate: unknown style {s!r}; the merged model has {style_names}")
     k = max(1, min(cfg.interp_prompts, len(prompts)))
     columns = []
     for w in INTERP_WEIGHTS:

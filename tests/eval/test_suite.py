@@ -100,6 +100,14 @@ def test_suite_errors_are_clear(tiny_models, tiny_clip_dir, colour_features, tmp
     bad[bad.index("--num-samples") + 1] = "1"
     assert main(bad) == 2
     assert "at least 2" in capsys.readouterr().err
+    # options that would only fail after sampling are checked first: nothing is generated
+    assert main([*args, "--mix", "red_style", "nope"]) == 2
+    assert "--mix" in capsys.readouterr().err
+    assert main([*args, "--aesthetic-weights", str(tmp_path / "missing.pth")]) == 2
+    assert "--aesthetic-weights" in capsys.readouterr().err
+    assert main([*args, "--pick-model", str(tmp_path / "nothing")]) == 2
+    assert "--pick-model" in capsys.readouterr().err
+    assert not list((tmp_path / "o").rglob("*.png"))
 
 
 def test_teachers_from_recipe(tmp_path):
