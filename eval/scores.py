@@ -16,7 +16,6 @@ Definitions (see /work/shared/notes/eval-facts.md):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,15 +282,7 @@ def aesthetic_score(embedder: ClipEmbedder, mlp: AestheticMLP, images: torch.Ten
     return ScoreResult("aesthetic", float(per.mean()), per.tolist(), embedder.backbone)
 
 
-def describe_folder(path) -> str:
-    """A short name for a model folder (its config's _name_or_path if recorded)."""
-    try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-        return str(cfg.get("_name_or_path") or Path(path).name)
-    except (OSError, ValueError):
-        return Path(path).name
-
-
 def summary(values) -> dict:
+    """mean, sample standard deviation and count of per-image values."""
     a = np.asarray(values, dtype=np.float64)
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size)}

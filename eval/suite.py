@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import hashlib
+import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from eval.generate import (
     ImageSet,
     ModelFolderError,
     SamplingConfig,
+    atomic_write_text,
     check_merged_folder,
     check_pipeline_folder,
     load_prompts,
@@ -56,6 +58,7 @@ from eval.scores import (
     clip_score,
     load_aesthetic_mlp,
     pick_score,
+    summary,
 )
 
 __all__ = ["SuiteConfig", "main", "run_suite", "teachers_from_recipe"]
@@ -275,13 +278,19 @@ def run_suite(cfg: SuiteConfig) -> dict:
 
     # scores
     score_sets = merged_sets + teacher_sets + extra_sets
-    scores = _scores(cfg, world, world_reason, score_sets, paths, cache, sampling.device)
+    per_image: dict = {}
+    scores = _scores(cfg, world, world_reason, score_sets, paths, cache, sampling.device, per_image)
+    lines = [json.dumps({"set": s.label, "image": paths[s.label][k].name, "prompt": s.prompts[k],
+                         "seed": s.seeds[k], **per_image.get((s.label, k), {})})
+             for s in score_sets for k in range(len(s.prompts))]
+    atomic_write_text(out / "scores_per_image.jsonl", "\n".join(lines) + "\n")
 
     # toy: does the classifier see the requested style?
     style_acc = _style_accuracy(world, extractor, merged_sets + teacher_sets, styles + teacher_order, paths, cache)
 
     # images
-    files = {"report_json": "report.json", "report_md": "report.md", "heatmaps": "fid_heatmaps.png", "grids": {}}
+    files = {"report_json": "report.json", "report_md": "report.md", "heatmaps": "fid_heatmaps.png",
+             "scores_per_image": "scores_per_image.jsonl", "grids": {}}
     plot_fid_heatmaps(m, m_ref, styles, teacher_order, out / "fid_heatmaps.png")
     k = max(1, min(cfg.grid_images, cfg.num_samples))
     for s, ms, ts in zip(styles, merged_sets, teacher_sets):
@@ -366,7 +375,8 @@ def _resolve_sampling(cfg: SuiteConfig, toy_world) -> tuple[SamplingConfig, str]
     return base, source
 
 
-def _scores(cfg, world, world_reason, sets, paths, cache, device) -> dict:
+def _scores(cfg, world, world_reason, sets, paths, cache, device, per_image: dict | None = None) -> dict:
+    """Score every set; ``per_image`` (if given) collects {(label, index): {score: value}}."""
     out = {}
     toy_clip = cfg.clip_model is None and world is not None
     clip_spec = cfg.clip_model or (str(world.clip_path) if world is not None else None)
@@ -386,7 +396,10 @@ def _scores(cfg, world, world_reason, sets, paths, cache, device) -> dict:
             emb = None
             for s in sets:
                 res, emb = fn(s)
-                per[s.label] = {"mean": res.mean, "n": len(res.per_image)}
+                per[s.label] = {**summary(res.per_image), "mean": res.mean}
+                if per_image is not None:
+                    for k, v in enumerate(res.per_image):
+                        per_image.setdefault((s.label, k), {})[name] = v
             out[name] = {"backbone": emb, "per_set": per}
         except BackendUnavailable as exc:  # optional backend; a missing weight file is an error
             out[name] = {"skipped": str(exc)}

@@ -71,6 +71,10 @@ def test_suite_writes_full_report_and_resumes(tiny_models, tiny_clip_dir, colour
             im.verify()
     with Image.open(out / report["files"]["grids"][styles[0]]) as im:
         assert im.size[1] > im.size[0] / 3 / 2  # two rows of three cells
+    rows = [json.loads(line) for line in (out / "scores_per_image.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 * 4 and {"set", "image", "prompt", "seed", "clip_score"} <= set(rows[0])
+    first = [r["clip_score"] for r in rows if r["set"] == f"merged/{styles[0]}"]
+    assert np.mean(first) == pytest.approx(clip["per_set"][f"merged/{styles[0]}"]["mean"])
     md = (out / "report.md").read_text()
     assert "FIDt" in md and "fid_heatmaps.png" in md and "aesthetic" in md
 
