@@ -188,8 +188,9 @@ def write_markdown(path, report: dict) -> Path:
         if "skipped" in sc:
             lines.append(f"- **{key}**: skipped ({sc['skipped']})")
             continue
-        lines += [f"**{key}** (backbone: `{sc['backbone']}`)", "", "| set | mean | n |", "|---|---|---|"]
-        lines += [f"| {label} | {v['mean']:.4f} | {v['n']} |" for label, v in sc["per_set"].items()]
+        lines += [f"**{key}** (backbone: `{sc['backbone']}`)", "", "| set | mean | std | n |", "|---|---|---|---|"]
+        lines += [f"| {label} | {v['mean']:.4f} | {v.get('std', float('nan')):.4f} | {v['n']} |"
+                  for label, v in sc["per_set"].items()]
         lines.append("")
     if report.get("style_accuracy"):
         lines += ["", "## Toy style accuracy (classifier agrees with the requested style)", "",
