@@ -2,8 +2,13 @@
 
 Each epoch visits the shards in a seeded order. With at least as many shards as ranks, rank r
 reads shards r, r + W, ...; otherwise every rank reads all shards and keeps every W-th sample.
-Either way no sample is seen twice in an epoch on different ranks. The position (epoch, samples
+Either way no sample is seen twice in an epoch on different ranks. Every epoch draws a new
+shard order and shuffle (resampling), so the stream never ends. The position (epoch, samples
 consumed) is part of the training checkpoint, and resuming skips exactly that many samples.
+
+With `num_workers` > 0 a DataLoader's workers share a rank's stream: worker w decodes batches
+w, w + K, ... of the same deterministic sequence and the loader hands them back in order, so the
+batches (and the saved position) are exactly those of `num_workers=0`.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
 
 class ShardStream:
     def __init__(self, urls: list[str], *, batch_size: int, resolution: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, image_key: str = "png", caption_key: str = "txt", shuffle_buffer: int = 256):
+                 world_size: int = 1, image_key: str = "png", caption_key: str = "txt", shuffle_buffer: int = 256,
+                 num_workers: int = 0):
         self.urls = list(urls)
         self.batch_size = batch_size
         self.resolution = resolution
@@ -56,6 +62,7 @@ class ShardStream:
         self.rank, self.world_size = rank, world_size
         self.image_key, self.caption_key = image_key, caption_key
         self.shuffle_buffer = shuffle_buffer
+        self.num_workers = num_workers
         self.epoch = 0
         self.consumed = 0  # samples of this epoch already handed out on this rank
 
@@ -76,7 +83,9 @@ class ShardStream:
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         by_shard = len(order) >= self.world_size
         mine = order[self.rank :: self.world_size] if by_shard else order
-        dataset = wds.WebDataset(mine, shardshuffle=False, empty_check=False)
+        # No node/worker splitting inside webdataset: ranks are split above, workers in __iter__.
+        dataset = wds.WebDataset(mine, shardshuffle=False, empty_check=False, nodesplitter=None,
+                                 workersplitter=None)
         for i, sample in enumerate(dataset):
             if by_shard or i % self.world_size == self.rank:
                 yield sample
@@ -95,32 +104,66 @@ class ShardStream:
             caption = json.loads(caption)["caption"]
         return to_tensor(image, self.resolution), caption
 
-    def _epoch_samples(self, epoch: int) -> Iterator[tuple[torch.Tensor, str]]:
+    def _epoch_samples(self, epoch: int) -> Iterator[dict]:
+        """This rank's raw (undecoded) samples of one epoch, shuffled through a seeded buffer."""
         rng = random.Random(self.seed * 7919 + epoch * 104_729 + self.rank)
         buffer: list = []
         for sample in self._raw_samples(epoch):
             buffer.append(sample)
             if len(buffer) >= self.shuffle_buffer:
-                yield self._decode(buffer.pop(rng.randrange(len(buffer))))
+                yield buffer.pop(rng.randrange(len(buffer)))
         while buffer:
-            yield self._decode(buffer.pop(rng.randrange(len(buffer))))
+            yield buffer.pop(rng.randrange(len(buffer)))
 
-    def __iter__(self) -> Iterator[dict]:
-        images: list[torch.Tensor] = []
-        captions: list[str] = []
+    def _positioned_batches(self, keep=None) -> Iterator[tuple[dict | None, int, int]]:
+        """(batch, epoch, consumed) from the current position on; batches whose running index
+        `keep` rejects are not decoded (None), but the position still advances past them."""
+        epoch, consumed = self.epoch, self.consumed
+        index = 0
+        pending: list = []
         while True:
             seen = 0
-            for image, caption in self._epoch_samples(self.epoch):
+            for sample in self._epoch_samples(epoch):
                 seen += 1
-                if seen <= self.consumed:
+                if seen <= consumed:
                     continue  # resuming: these were handed out before the checkpoint
-                images.append(image)
-                captions.append(caption)
-                self.consumed += 1
-                if len(images) == self.batch_size:
-                    yield {"pixels": torch.stack(images), "captions": captions}
-                    images, captions = [], []
+                pending.append(sample)
+                consumed += 1
+                if len(pending) == self.batch_size:
+                    batch = None
+                    if keep is None or keep(index):
+                        decoded = [self._decode(x) for x in pending]
+                        batch = {"pixels": torch.stack([d[0] for d in decoded]),
+                                 "captions": [d[1] for d in decoded]}
+                    yield batch, epoch, consumed
+                    index += 1
+                    pending = []
             if seen == 0:
                 raise ValueError(f"rank {self.rank} received no samples from shards {self.urls[:3]}...")
-            self.epoch += 1
-            self.consumed = 0
+            epoch += 1
+            consumed = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.num_workers <= 0:
+            for batch, epoch, consumed in self._positioned_batches():
+                self.epoch, self.consumed = epoch, consumed
+                yield batch
+            return
+        loader = torch.utils.data.DataLoader(_WorkerShare(self), batch_size=None, num_workers=self.num_workers)
+        for item in loader:
+            self.epoch, self.consumed = int(item.pop("_epoch")), int(item.pop("_consumed"))
+            yield item
+
+
+class _WorkerShare(torch.utils.data.IterableDataset):
+    """One rank's stream as seen by DataLoader worker w of K: it decodes batches w, w + K, ..."""
+
+    def __init__(self, stream: ShardStream):
+        self.stream = stream
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, k = (info.id, info.num_workers) if info is not None else (0, 1)
+        for batch, epoch, consumed in self.stream._positioned_batches(keep=lambda i: i % k == w):
+            if batch is not None:
+                yield {**batch, "_epoch": epoch, "_consumed": consumed}

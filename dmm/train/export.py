@@ -22,7 +22,8 @@ def build_student(base: str | Path, style_names: list[str], state: dict[str, tor
     config = UNet2DConditionModel.load_config(str(Path(base) / "unet"))
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     student = StyleUNet2DConditionModel(**config, style_names=list(style_names))
-    student.load_state_dict(state, strict=True)
+    if state is not None:
+        student.load_state_dict(state, strict=True)
     return student
 
 
@@ -44,14 +45,31 @@ def export_merged(student: StyleUNet2DConditionModel, base: str | Path, out: str
     return out
 
 
+def checkpoint_student_state(checkpoint: Path, recipe: dict) -> dict[str, torch.Tensor]:
+    """The full student weights of any engine's checkpoint, consolidated in this one process:
+    `student.safetensors` (engine none), a DeepSpeed tag folder, or a torch.distributed.checkpoint folder."""
+    weights = checkpoint / "student.safetensors"
+    if weights.is_file():
+        return load_file(str(weights))
+    if (checkpoint / "student" / ".metadata").is_file():
+        from dmm.engines.fsdp2 import consolidate
+
+        names = [t["name"] for t in recipe["teachers"]]
+        template = build_student(recipe["model"]["base"], names, None).state_dict()
+        return consolidate(checkpoint, "student", template)
+    if (checkpoint / "student").is_dir() and any((checkpoint / "student").glob("*model_states.pt")):
+        from dmm.engines.deepspeed import consolidate
+
+        return consolidate(checkpoint, "student")
+    raise FileNotFoundError(f"{checkpoint} holds no student weights (student.safetensors, a DeepSpeed or a "
+                            "torch.distributed.checkpoint folder named student)")
+
+
 def export_from_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
-    """Export from a single-process checkpoint folder (sharded engines consolidate first)."""
+    """Export from a checkpoint folder of any engine (sharded ones are consolidated here)."""
     checkpoint = Path(checkpoint)
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     recipe = state["recipe"]
     names = [t["name"] for t in recipe["teachers"]]
-    weights = checkpoint / "student.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found: export sharded checkpoints with their engine's consolidation")
-    student = build_student(recipe["model"]["base"], names, load_file(str(weights)))
+    student = build_student(recipe["model"]["base"], names, checkpoint_student_state(checkpoint, recipe))
     return export_merged(student, recipe["model"]["base"], out, {"step": state["step"], "recipe": recipe["name"]})

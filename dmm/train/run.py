@@ -15,6 +15,12 @@ log = logging.getLogger("dmm.train")
 def run(recipe: Recipe, engine=None, stop_flag=None) -> Path | None:
     """Returns the merged model folder (on the main rank; None elsewhere)."""
     set_threads()
+    if engine is None and recipe.distributed.engine == "none":
+        from dmm.distributed import launch_env
+
+        if launch_env().distributed:
+            raise ValueError(f"started as {launch_env().world_size} processes but distributed.engine is 'none': "
+                             "set distributed.engine to deepspeed or fsdp2 (--set distributed.engine=fsdp2)")
     trainer = DistillationTrainer(recipe, engine=engine, stop_flag=stop_flag)
     trainer.fit()
     state = trainer.student_state_dict()

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from dmm.conditioning import BaseModel, Conditioning, drop_captions
 from dmm.data import ShardStream, expand_urls
+from dmm.distributed import agree
 from dmm.diffusion import add_noise, convert_prediction, predict_x0
 from dmm.engines import Engine, make_engine
 from dmm.losses import discriminator_loss, feature_imitation_loss, generator_loss, score_distillation_loss
@@ -43,12 +44,12 @@ class StopRequested(Exception):
 
 def training_shards(recipe: Recipe) -> list[str]:
     if recipe.data.toyworld is not None:
-        from dmm.toyworld import write_shards
+        from dmm.toyworld import load_world
 
         toy = recipe.data.toyworld
         out = Path(recipe.train.output_dir).parent / ".shards" / f"toy-{toy.n_samples}-{toy.seed}"
-        return [str(p) for p in write_shards(out, toy.n_samples, seed=toy.seed,
-                                             samples_per_shard=toy.samples_per_shard)]
+        return [str(p) for p in load_world(toy.world).write_shards(out, toy.n_samples, seed=toy.seed,
+                                                                   samples_per_shard=toy.samples_per_shard)]
     return expand_urls(recipe.data.shards)
 
 
@@ -61,10 +62,16 @@ class DistillationTrainer:
         names = recipe.style_names
         self.num_styles = len(names)
         # Refuse impossible layouts and missing files before loading any model.
-        self.layout = TeacherLayout(self.engine.world_size, self.num_styles)
+        self.accum_steps = recipe.distributed.grad_accum_steps
+        self.layout = TeacherLayout(self.engine.world_size, self.num_styles, self.accum_steps)
         self.local_teachers = self.layout.teachers_for_rank(self.engine.rank)
-        self.batch_styles = torch.tensor(self.layout.styles_for_batch(self.engine.rank, recipe.data.batch_size))
-        check_teacher_paths([recipe.teachers[i] for i in self.local_teachers])
+        # One style vector per gradient-accumulation micro-step (teachers rotate through them; layout.py).
+        self.micro_styles = [torch.tensor(self.layout.styles_for_batch(self.engine.rank, recipe.data.batch_size, m))
+                             for m in range(self.accum_steps)]
+        self.batch_styles = self.micro_styles[0]
+        # Collective: a teacher missing on one rank (node) stops every rank with the same message.
+        agree(check_teacher_paths, [recipe.teachers[i] for i in self.local_teachers], what="teacher check",
+              collective=self.engine.world_size > 1)
 
         torch.manual_seed(recipe.train.seed)
         self.base = BaseModel(recipe.model.base, resolution=recipe.data.resolution)
@@ -74,16 +81,20 @@ class DistillationTrainer:
         student = StyleUNet2DConditionModel.from_unet(self.base.unet, names)
         if recipe.train.gradient_checkpointing:
             student.enable_gradient_checkpointing()
-        self.teachers = {
+        self.teachers = agree(lambda: {
             i: load_teacher(i, recipe.teachers[i], base=recipe.model.base, student_base=self.base.unet,
                             dtype=recipe.model.teacher_dtype, default_prediction_type=self.base.prediction_type)
             for i in self.local_teachers
-        }
+        }, what="teacher loading", collective=self.engine.world_size > 1)
         self.use_adv = recipe.loss.lambda_adv > 0
         models = {"student": student}
         if self.use_adv:
             models["disc"] = MultiClassDiscriminator(self.base.unet, self.num_styles)
         self.base.pipe.unet = None  # the student now holds the base weights; free the copy
+        for model in models.values():
+            # The discriminator's encoder is copied from the frozen base UNet: make every trained
+            # parameter trainable before an engine registers its gradient hooks (ZeRO skips the rest).
+            model.requires_grad_(True)
         optimizers = {k: self._optimizer(k, m) for k, m in models.items()}
         warmup = recipe.optim.warmup_steps
         schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / max(1, warmup)))
@@ -95,6 +106,7 @@ class DistillationTrainer:
             batch_size=recipe.data.batch_size, resolution=recipe.data.resolution, seed=recipe.train.seed,
             rank=self.engine.rank, world_size=self.engine.world_size, image_key=recipe.data.image_key,
             caption_key=recipe.data.caption_key, shuffle_buffer=recipe.data.shuffle_buffer,
+            num_workers=recipe.data.num_workers,
         )
         if not self.stream.urls:  # non-main ranks read the toy shards the main rank wrote
             self.engine.barrier()
@@ -154,9 +166,27 @@ class DistillationTrainer:
         x_t = add_noise(x0, noise, t, self.base.alphas_cumprod)
         return self.models["disc"](x_t, t, cond.encoder_hidden_states, cond.added_cond_kwargs)
 
-    def train_step(self, batch: dict) -> dict[str, float]:
+    def train_step(self, batch: dict | list[dict]) -> dict[str, float]:
+        """One optimizer step over `grad_accum_steps` micro-batches (a list; one dict when it is 1)."""
         r = self.recipe
-        styles = self.batch_styles
+        batches = batch if isinstance(batch, list) else [batch]
+        if len(batches) != self.accum_steps:
+            raise ValueError(f"train_step got {len(batches)} micro-batches, grad_accum_steps is {self.accum_steps}")
+        totals: dict[str, float] = {}
+        for m, micro in enumerate(batches):
+            losses = self.micro_step(micro, self.micro_styles[m], 1.0 / len(batches))
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach()) / len(batches)
+        stats = {"grad_norm": self.engine.step("student", r.optim.grad_clip)}
+        if self.use_adv:
+            stats["disc_grad_norm"] = self.engine.step("disc", r.optim.grad_clip)
+        return {**totals, **stats}
+
+    def micro_step(self, batch: dict, styles: torch.Tensor, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """Forward and backward of both losses on one micro-batch (gradients accumulate, scaled by
+        `scale`); the optimizers step in `train_step`. The discriminator's forward passes do not
+        depend on the student's weights, so stepping both after the last micro-step is exact."""
+        r = self.recipe
         latents = self.base.encode_images(batch["pixels"])
         captions = drop_captions(batch["captions"], r.data.caption_dropout, self.generator)
         cond = self.base.encode_captions(captions)
@@ -187,8 +217,7 @@ class DistillationTrainer:
             total = total + r.loss.lambda_adv * losses["gen"]
         losses["total"] = total
         self._check_finite(losses)
-        self.engine.backward("student", total)
-        stats = {"grad_norm": self.engine.step("student", r.optim.grad_clip)}
+        self.engine.backward("student", total * scale if scale != 1.0 else total)
 
         if self.use_adv:
             x0_teacher = predict_x0(teacher_out, x_t, t, self.base.alphas_cumprod, self.base.prediction_type)
@@ -197,9 +226,8 @@ class DistillationTrainer:
                 real = self._disc_logits(x0_teacher, cond)
                 losses["disc"] = discriminator_loss(fake, real, styles, self.num_styles)
             self._check_finite({"disc": losses["disc"]})
-            self.engine.backward("disc", losses["disc"])
-            stats["disc_grad_norm"] = self.engine.step("disc", r.optim.grad_clip)
-        return {**{k: float(v.detach()) for k, v in losses.items()}, **stats}
+            self.engine.backward("disc", losses["disc"] * scale if scale != 1.0 else losses["disc"])
+        return losses
 
     def _check_finite(self, losses: dict[str, torch.Tensor]) -> None:
         bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
@@ -257,7 +285,7 @@ class DistillationTrainer:
             if self.stop_flag is not None and self.stop_flag():
                 self.save_checkpoint()
                 raise StopRequested(f"stopped at step {self.step} on request; checkpoint saved")
-            metrics = self.train_step(next(data))
+            metrics = self.train_step([next(data) for _ in range(self.accum_steps)])
             self.step += 1
             bar.update(1)
             if self.engine.is_main and (self.step % r.train.log_every == 0 or self.step == r.train.max_steps):
@@ -266,7 +294,7 @@ class DistillationTrainer:
                     self.writer.add_scalar(f"train/{k}", v, self.step)
                 elapsed = time.time() - started
                 self.writer.add_scalar("perf/samples_per_s",
-                                       r.data.batch_size * self.engine.world_size * self.step / max(elapsed, 1e-9),
+                                       r.data.batch_size * self.accum_steps * self.engine.world_size * self.step / max(elapsed, 1e-9),
                                        self.step)
             self.last_metrics = metrics
             if self.step % r.train.checkpoint_every == 0 or self.step == r.train.max_steps:

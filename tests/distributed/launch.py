@@ -1,0 +1,43 @@
+"""Start the distributed worker as real processes (torchrun or the deepspeed launcher)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    e.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DS_BUILD_OPS": "0", "OMP_NUM_THREADS": "1",
+              "PYTHONPATH": str(REPO) + os.pathsep + e.get("PYTHONPATH", "")})
+    return e
+
+
+def launch(args: list[str], *, nproc: int = 2, launcher: str = "torchrun", timeout: float = 600,
+           script: Path = WORKER) -> subprocess.CompletedProcess:
+    port = str(free_port())
+    if launcher == "deepspeed":
+        exe = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+        cmd = [exe, "--num_gpus", str(nproc), "--master_port", port, str(script), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", port, str(script), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def tail(proc: subprocess.CompletedProcess, n: int = 4000) -> str:
+    return (proc.stdout + "\n" + proc.stderr)[-n:]

@@ -1,0 +1,154 @@
+"""Run by the distributed tests under torchrun / the deepspeed launcher (one copy per rank).
+
+  worker.py props RECIPE OUT_DIR            layout, teacher-missing error, sharding, gradient check
+  worker.py train RECIPE OUT_DIR [--kill-at K]   train (resume: latest), log every step's losses;
+                                            --kill-at K: SIGKILL this process at the start of step K+1
+Results go to OUT_DIR/<mode>.rank<r>.json(l); the test process asserts on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from dmm.distributed import all_gather_object  # noqa: E402
+from dmm.engines import SingleProcessEngine, make_engine  # noqa: E402
+from dmm.recipes import load_recipe, parse_recipe  # noqa: E402
+from dmm.train.trainer import DistillationTrainer  # noqa: E402
+
+
+class SGDTrainer(DistillationTrainer):
+    """Plain SGD with lr 1 and no clipping: one step moves every weight by exactly minus its
+    (rank-averaged) gradient, so the update itself shows the gradient the engine reduced."""
+
+    def _optimizer(self, which, model):
+        return torch.optim.SGD(model.parameters(), lr=1.0)
+
+
+def props(recipe, out: Path) -> None:
+    engine = make_engine(recipe.distributed.engine, recipe)
+    rank = engine.rank
+    result: dict = {"rank": rank, "world_size": engine.world_size}
+
+    # A teacher that exists nowhere: only the rank that holds it can notice; every rank must stop.
+    raw = recipe.to_dict()
+    raw["teachers"][1]["path"] = str(Path(raw["teachers"][1]["path"]).parent / "no-such-teacher")
+    try:
+        DistillationTrainer(parse_recipe(raw), engine=engine)
+        result["missing"] = None
+    except Exception as err:  # noqa: BLE001
+        result["missing"] = [type(err).__name__, str(err)]
+
+    raw = recipe.to_dict()
+    raw["optim"]["grad_clip"] = 0.0
+    sgd_recipe = parse_recipe(raw)
+    trainer = SGDTrainer(sgd_recipe, engine=engine)
+    result["local_teachers"] = trainer.local_teachers
+    result["loaded_teachers"] = sorted(trainer.teachers)
+    result["styles"] = trainer.batch_styles.tolist()
+    result["teacher_requires_grad"] = any(p.requires_grad for t in trainer.teachers.values()
+                                          for p in t.unet.parameters())
+    result["numel"] = {w: engine.local_numel(w) for w in trainer.models}
+
+    before = {w: engine.full_state_dict(w) for w in trainer.models}
+    batch = next(iter(trainer.stream))
+    gen_state = trainer.generator.get_state()
+    losses = {k: float(v) for k, v in trainer.train_step(batch).items()}
+    result["losses"] = losses
+    after = {w: engine.full_state_dict(w) for w in trainer.models}
+    gathered = all_gather_object((batch, gen_state, losses, trainer.batch_styles.tolist()))
+
+    if rank == 0:
+        # The single-process reference: every teacher in one process, each rank's batch with that
+        # rank's random draws, each weighted 1/W -- the sum over teachers of Eq. 8-9.
+        ref_raw = sgd_recipe.to_dict()
+        ref_raw["distributed"]["engine"] = "none"
+        ref_raw["train"]["output_dir"] = str(out / "reference")
+        ref = SGDTrainer(parse_recipe(ref_raw), engine=SingleProcessEngine())
+        ref_losses = []
+        for b, g, _, styles in gathered:
+            ref.generator.set_state(g)
+            ref_losses.append({k: float(v.detach()) for k, v in
+                               ref.micro_step(b, torch.tensor(styles), 1.0 / len(gathered)).items()})
+        result["reference_losses"] = ref_losses
+        result["rank_losses"] = [{k: v for k, v in x[2].items() if k in ref_losses[0]} for x in gathered]
+        steps, grads = {}, {}
+        for which, model in ref.models.items():
+            for name, p in model.named_parameters():
+                if p.grad is not None:
+                    steps[f"{which}.{name}"] = before[which][name] - after[which][name]  # lr * gradient, lr = 1
+                    grads[f"{which}.{name}"] = p.grad.detach().clone()
+        torch.save({"steps": steps, "grads": grads}, out / "grads.pt")  # for diagnosing a failure
+        # Relative error over each whole model (per-parameter ratios are dominated by float32
+        # rounding of p - g where a gradient is ~1e-10 of its weight).
+        result["grad_rel_err_by_model"] = {}
+        for which in ref.models:
+            keys = [k for k in steps if k.startswith(which + ".")]
+            a = torch.cat([steps[k].flatten() for k in keys])
+            b = torch.cat([grads[k].flatten() for k in keys])
+            result["grad_rel_err_by_model"][which] = float((a - b).norm() / b.norm())
+        result["grad_count"] = {w: sum(k.startswith(w + ".") for k in steps) for w in ref.models}
+        result["param_count"] = {w: len(before[w]) for w in ref.models}
+    engine.barrier()
+    (out / f"props.rank{rank}.json").write_text(json.dumps(result, indent=1))
+
+
+def train(recipe, out: Path, kill_at: int | None) -> None:
+    trainer = None
+
+    def stop_flag() -> bool:
+        if kill_at is not None and trainer.step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # a hard crash, no checkpoint of this step
+        return False
+
+    trainer = DistillationTrainer(recipe, stop_flag=stop_flag)
+    log = open(out / f"train.rank{trainer.engine.rank}.jsonl", "a")
+    step_fn = trainer.train_step
+
+    def logged_step(batch):
+        metrics = step_fn(batch)
+        log.write(json.dumps({"step": trainer.step + 1, **metrics}) + "\n")
+        log.flush()
+        return metrics
+
+    trainer.train_step = logged_step
+    trainer.fit()
+    states = {w: trainer.engine.full_state_dict(w) for w in trainer.models}
+    if trainer.engine.is_main:
+        for which, state in states.items():
+            save_file({k: v.contiguous() for k, v in state.items()}, str(out / f"final_{which}.safetensors"))
+    trainer.engine.barrier()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["props", "train"])
+    parser.add_argument("recipe")
+    parser.add_argument("out")
+    parser.add_argument("--kill-at", type=int, default=None)
+    parser.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher adds it
+    args = parser.parse_args()
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.use_deterministic_algorithms(True)
+    if args.mode == "props":
+        props(recipe, out)
+    else:
+        train(recipe, out, args.kill_at)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
