@@ -38,7 +38,16 @@ def main(argv=None) -> int:
         return 2
     from dmm.train.run import run
 
-    merged = run(recipe)
+    try:  # engines deepspeed/fsdp2 start the process group from torchrun/deepspeed/SLURM variables
+        merged = run(recipe)
+    except (ValueError, FileNotFoundError) as err:  # bad input: the same clear message on every rank
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     if merged is not None:
         print(f"merged model: {merged}")
         if args.demo:

@@ -104,6 +104,18 @@ def test_exact_resume_after_sigkill(world, tmp_path, engine):
     proc = _train(crashed, tmp_path / "log-resumed", launcher)
     assert proc.returncode == 0, tail(proc)
 
+    # Keep the last 2; the sharded latest checkpoint exports to the same merged folder as one process.
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-")) == ["step-00000004",
+                                                                                      "step-00000005"]
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".tmp")]
+    from dmm.train.export import export_from_checkpoint
+
+    merged = export_from_checkpoint(ckpts / "step-00000005", tmp_path / "merged")
+    exported = load_file(str(merged / "unet" / "diffusion_pytorch_model.safetensors"))
+    final = load_file(str(tmp_path / "log-resumed" / "final_student.safetensors"))
+    assert exported.keys() == final.keys()
+    assert all(torch.equal(exported[k], final[k]) for k in final)
+
     for rank in range(2):
         ref = _log(tmp_path / "log-straight", rank)
         killed, resumed = _log(tmp_path / "log-killed", rank), _log(tmp_path / "log-resumed", rank)
@@ -118,14 +130,3 @@ def test_exact_resume_after_sigkill(world, tmp_path, engine):
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), which
 
-    # Keep the last 2; the sharded latest checkpoint exports to the same merged folder as one process.
-    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-")) == ["step-00000004",
-                                                                                      "step-00000005"]
-    assert not [p for p in ckpts.iterdir() if p.name.startswith(".tmp")]
-    from dmm.train.export import export_from_checkpoint
-
-    merged = export_from_checkpoint(ckpts / "step-00000005", tmp_path / "merged")
-    exported = load_file(str(merged / "unet" / "diffusion_pytorch_model.safetensors"))
-    final = load_file(str(tmp_path / "log-straight" / "final_student.safetensors"))
-    assert exported.keys() == final.keys()
-    assert all(torch.equal(exported[k], final[k]) for k in final)
