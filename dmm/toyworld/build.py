@@ -41,15 +41,15 @@ class BuildConfig:
     scale: str = "full"
     images_per_style: int = 6000
     clip_steps: int = 1500
-    vae_steps: int = 1000
-    vae_lr: float = 2e-3
-    classifier_steps: int = 1500
+    vae_steps: int = 800
+    vae_lr: float = 3e-3
+    classifier_steps: int = 1000
     classifier_roundtrip: int = 4000  # training images also seen through a VAE round trip
-    classifier_ft_steps: int = 300
+    classifier_ft_steps: int = 500
     teacher_train_samples: int = 64  # per teacher, for the classifier fine-tune (0: off)
-    base_steps: int = 3000
+    base_steps: int = 1500
     base_lr: float = 1e-3
-    teacher_steps: int = 300
+    teacher_steps: int = 250
     teacher_lr: float = 5e-4
     batch_size: int = 32
     eval_samples: int = 128
@@ -290,15 +290,17 @@ def stage_vae(s: Stages, out: Path) -> dict:
     return {"test_mse": mse, "scaling_factor": vae.config.scaling_factor, "params": count_params(vae)}
 
 
-def _classifier_data(s: Stages):
-    """Rendered training images plus a VAE-round-tripped copy of some of them, with labels."""
+def _classifier_data(s: Stages, roundtrip: bool):
+    """Rendered training images plus (roundtrip) a VAE-round-tripped copy of some of them, with labels."""
     import torch
 
     from .train import to_unit, vae_roundtrip
 
     d = s.data()
     x = to_unit(d["images"])
-    k = min(s.cfg.classifier_roundtrip, len(x))
+    k = min(s.cfg.classifier_roundtrip, len(x)) if roundtrip else 0
+    if k == 0:
+        return x, {a: torch.from_numpy(d[a]) for a in ("style", *ATTRIBUTES)}, d
     x = torch.cat([x, vae_roundtrip(s.vae(), x[:k])])
     labels = {a: torch.from_numpy(np.concatenate([d[a], d[a][:k]])) for a in ("style", *ATTRIBUTES)}
     return x, labels, d
@@ -320,7 +322,7 @@ def stage_classifier_render(s: Stages, out: Path) -> dict:
     from .classifier import ClassifierConfig, ToyClassifier, train_classifier
 
     cfg = s.cfg
-    x, labels, d = _classifier_data(s)
+    x, labels, d = _classifier_data(s, roundtrip=False)
     torch.manual_seed(cfg.seed + 4)
     model = ToyClassifier(ClassifierConfig(styles=list(cfg.styles), resolution=cfg.resolution))
     train_classifier(model, x, labels, cfg.classifier_steps, cfg.seed + 4, progress=cfg.progress)
@@ -371,7 +373,7 @@ def _base_worker(rank: int, cfg: BuildConfig, cache: str, out: str, world: int) 
     torch.set_num_threads(cfg.threads)
     s = Stages(cfg, Path(cache))
     if world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{out}/.ddp_rendezvous", rank=rank, world_size=world)
+        dist.init_process_group("gloo", init_method=f"file://{Path(out).resolve()}/.ddp_rendezvous", rank=rank, world_size=world)
     lat, table = s.latents(), s.table()
     torch.manual_seed(cfg.seed + 5)  # identical initial weights on every rank
     unet = _new_unet(cfg)
@@ -452,8 +454,9 @@ def stage_base_samples(s: Stages, out: Path) -> dict:
 
 
 def stage_classifier(s: Stages, out: Path) -> dict:
-    """Fine-tune the render-only classifier on rendered images + a few samples of each teacher
-    (style label only), so it is trusted on generated images. Evaluation uses other samples."""
+    """Fine-tune the render-only classifier on rendered images, VAE round trips of some of them and
+    a few samples of each teacher (style label only), so it is trusted on generated images.
+    Evaluation uses other prompts and noise seeds."""
     import torch
 
     from .classifier import ToyClassifier, train_classifier
@@ -461,13 +464,13 @@ def stage_classifier(s: Stages, out: Path) -> dict:
     cfg = s.cfg
     model = ToyClassifier.load(s.dir("classifier_render"))
     if cfg.teacher_train_samples > 0 and cfg.classifier_ft_steps > 0:
-        x, labels, d = _classifier_data(s)
+        x, labels, d = _classifier_data(s, roundtrip=True)
         gen = [_load_tensors(s.dir(f"teacher_{st}") / "samples.safetensors")["train"] for st in cfg.styles]
         gl = torch.cat([torch.full((len(g),), k) for k, g in enumerate(gen)])
         x = torch.cat([x] + gen)
-        # generated samples: up-weight by repetition so each batch holds some; content unknown (-1)
+        # generated samples: repeated so that ~1/4 of each batch is generated; content unknown (-1)
         labels = {a: torch.cat([v, gl if a == "style" else torch.full_like(gl, -1)]) for a, v in labels.items()}
-        reps = max(1, len(x) // (8 * len(gl)))
+        reps = max(1, len(x) // (3 * len(gl)))
         extra = torch.arange(len(x) - len(gl), len(x)).repeat(reps)
         idx = torch.cat([torch.arange(len(x)), extra])
         torch.manual_seed(cfg.seed + 6)
@@ -615,15 +618,15 @@ def build(cfg: BuildConfig, cache: str | os.PathLike | None = None, command: str
 
     torch.set_num_threads(cfg.threads)
     _register_custom_styles(cfg.styles)
-    stages = Stages(cfg, Path(cache) if cache else default_cache(cfg))
+    stages = Stages(cfg, (Path(cache) if cache else default_cache(cfg)).resolve())
     stages.cache.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     rec: dict = {}
     teachers = [f"teacher_{st}" for st in cfg.styles]
     rec.update(run_lanes(stages, [["tokenizer", "data"]]))
-    rec.update(run_lanes(stages, [["clip"], ["vae", "classifier_render"]]))
-    rec.update(run_lanes(stages, [["cond", "base"]]))
-    lanes = [teachers[0::2], teachers[1::2] + ["base_samples"]]
+    rec.update(run_lanes(stages, [["clip"], ["vae"]]))
+    rec.update(run_lanes(stages, [["cond", "base"]]))  # base: data-parallel over both workers
+    lanes = [teachers[0::2] + ["classifier_render"], teachers[1::2] + ["base_samples"]]
     rec.update(run_lanes(stages, lanes))
     rec.update(run_lanes(stages, [["classifier", "report"]]))
     total = sum(r["wall_s"] for r in rec.values())  # a resumed build: stage times from the first run

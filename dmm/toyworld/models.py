@@ -77,8 +77,8 @@ def make_vae(resolution: int = 32):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
-                         layers_per_block=1, latent_channels=LATENT_CHANNELS, norm_num_groups=16,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32),
+                         layers_per_block=1, latent_channels=LATENT_CHANNELS, norm_num_groups=8,
                          sample_size=resolution, mid_block_add_attention=False, force_upcast=False)
 
 
