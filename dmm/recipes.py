@@ -172,6 +172,11 @@ def _build(cls, raw, where: str):
             raise RecipeError(f"{where}: expected a list, got {raw!r}")
         return [_build(args[0], item, f"{where}[{i}]") for i, item in enumerate(raw)]
     if cls is float:
+        if isinstance(raw, str):  # PyYAML reads `1e-3` (no dot) as a string: accept what float() accepts
+            try:
+                return float(raw)
+            except ValueError:
+                pass
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
             raise RecipeError(f"{where}: expected a number, got {raw!r}")
         return float(raw)

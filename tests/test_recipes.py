@@ -44,8 +44,9 @@ def test_bad_recipes_are_named(mutate, message):
 def test_overrides_and_resolved_copy(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(MINIMAL))
-    r = load_recipe(path, ["train.max_steps=10", "loss.lambda_adv=0", "train.output_dir=out"])
+    r = load_recipe(path, ["train.max_steps=10", "loss.lambda_adv=0", "train.output_dir=out", "optim.lr=1e-3"])
     assert r.train.max_steps == 10 and r.loss.lambda_adv == 0.0 and r.train.output_dir == "out"
+    assert r.optim.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string; the schema still takes it as a number
     r.save(tmp_path / "resolved.yaml")
     again = load_recipe(tmp_path / "resolved.yaml")
     assert again == r
