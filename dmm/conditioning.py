@@ -81,17 +81,22 @@ class BaseModel:
         return (latents - shift) * vae.config.scaling_factor
 
     def _encode_new(self, captions: list[str]) -> None:
-        """Encode captions not seen before in one batched call and remember them (bounded cache)."""
-        if self.arch.uses_text_time:
-            embeds, _, pooled, _ = self.pipe.encode_prompt(captions, device="cpu", num_images_per_prompt=1,
-                                                           do_classifier_free_guidance=False)
-        else:
-            embeds, _ = self.pipe.encode_prompt(captions, "cpu", 1, False)
-            pooled = [None] * len(captions)
-        for caption, e, p in zip(captions, embeds, pooled):
+        """Encode captions not seen before and remember them (bounded cache).
+
+        One caption per call: batched, SDXL's pooled embedding of a caption differed in the last
+        bits with its batch partners (CPU GEMM paths depend on the batch size), so a caption first
+        met before a checkpoint was encoded differently after resuming, breaking bitwise resume.
+        """
+        for caption in captions:
+            if self.arch.uses_text_time:
+                embeds, _, pooled, _ = self.pipe.encode_prompt([caption], device="cpu", num_images_per_prompt=1,
+                                                               do_classifier_free_guidance=False)
+            else:
+                embeds, _ = self.pipe.encode_prompt([caption], "cpu", 1, False)
+                pooled = [None]
             if len(self._cache) >= self._cache_size:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[caption] = (e, p)
+            self._cache[caption] = (embeds[0], pooled[0])
 
     @torch.no_grad()
     def encode_captions(self, captions: list[str]) -> Conditioning:

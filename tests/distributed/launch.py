@@ -22,7 +22,10 @@ def free_port() -> int:
 def env() -> dict:
     e = dict(os.environ)
     e.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    # MKL_CBWR: MKL's strict conditional numerical reproducibility, so that a GEMM's result does not
+    # depend on where its operands happen to lie in memory (bitwise resume on CPU).
     e.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DS_BUILD_OPS": "0", "OMP_NUM_THREADS": "1",
+              "MKL_CBWR": "AUTO,STRICT",
               "PYTHONPATH": str(REPO) + os.pathsep + e.get("PYTHONPATH", "")})
     return e
 
