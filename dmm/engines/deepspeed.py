@@ -31,10 +31,13 @@ def ds_config(recipe, batch_size: int) -> dict:
     if d.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"distributed.zero_stage must be 0, 1, 2 or 3, got {d.zero_stage}")
     zero: dict = {"stage": d.zero_stage}
+    zero_force = True
     if d.offload_optimizer:
         if d.zero_stage == 0:
             raise ValueError("distributed.offload_optimizer needs distributed.zero_stage >= 1")
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        # The trainer's torch AdamW runs on the offloaded fp32 partitions (no DeepSpeedCPUAdam to build).
+        zero_force = False
     if d.zero_stage == 3:
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
     config = {
@@ -43,6 +46,7 @@ def ds_config(recipe, batch_size: int) -> dict:
         "gradient_clipping": recipe.optim.grad_clip if recipe.optim.grad_clip > 0 else 0.0,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": zero_force,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

@@ -80,6 +80,10 @@ class FSDP2Engine(ProcessGroupCollectives, Engine):
             for block in unet_blocks(model):
                 fully_shard(block, mesh=self.mesh, mp_policy=self.mp, reshard_after_forward=True)
             fully_shard(model, mesh=self.mesh, mp_policy=self.mp, reshard_after_forward=True)
+            # FSDP2 settles its dtypes lazily, at the first forward. The discriminator's first
+            # forward is the frozen generator-loss pass, which would leave its gradients in bf16
+            # under the bf16 policy; settle them now, while every parameter is trainable.
+            fully_shard.state(model)._lazy_init()
             optimizer = _rebuild_optimizer(optimizers[which], names, model)
             schedulers[which].optimizer = optimizer
             self.models[which], self.optimizers[which] = model, optimizer
