@@ -30,6 +30,7 @@ def read_json(path: Path):
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_two_ranks_layout_sharding_gradient_and_missing_teacher(world, tmp_path, engine):
     recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(world, tmp_path / "run", teachers=2,
@@ -62,8 +63,8 @@ def test_two_ranks_layout_sharding_gradient_and_missing_teacher(world, tmp_path,
         assert err < 1e-4, (which, err)
 
 
-def _train(recipe: Path, out: Path, launcher: str, kill_at: int | None = None):
-    args = ["train", str(recipe), str(out)] + (["--kill-at", str(kill_at)] if kill_at else [])
+def _train(recipe: Path, out: Path, launcher: str, kill_in_save: int | None = None):
+    args = ["train", str(recipe), str(out)] + (["--kill-in-save", str(kill_in_save)] if kill_in_save else [])
     return launch(args, launcher=launcher)
 
 
@@ -80,10 +81,11 @@ RESUME = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", sorted(RESUME))
 def test_exact_resume_after_sigkill(world, tmp_path, engine):
     dist_cfg, teachers, launcher = RESUME[engine]
-    n, kill_at = 5, 3
+    n, kill_in_save = 5, 4  # checkpoints every 2 steps: step 2 complete, step 4 half-written
 
     def recipe(name):
         raw = recipe_dict(world, tmp_path / name, teachers=teachers, distributed=dist_cfg,
@@ -95,10 +97,12 @@ def test_exact_resume_after_sigkill(world, tmp_path, engine):
     assert proc.returncode == 0, tail(proc)
 
     crashed = recipe("crashed")
-    proc = _train(crashed, tmp_path / "log-killed", "torchrun", kill_at=kill_at)
+    proc = _train(crashed, tmp_path / "log-killed", "torchrun", kill_in_save=kill_in_save)
     assert proc.returncode != 0  # really killed
     ckpts = tmp_path / "crashed" / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == "step-00000002"  # step 3 was never saved
+    assert (ckpts / ".tmp-step-00000004").is_dir()  # the crash hit the write of step 4 ...
+    assert (ckpts / "latest").read_text().strip() == "step-00000002"  # ... and latest stayed complete
+    assert not (ckpts / "step-00000004").exists()
     proc = _train(crashed, tmp_path / "log-resumed", launcher)  # the deepspeed launcher for DeepSpeed
     assert proc.returncode == 0, tail(proc)
 
@@ -118,9 +122,10 @@ def test_exact_resume_after_sigkill(world, tmp_path, engine):
         ref = _log(tmp_path / "log-straight", rank)
         killed, resumed = _log(tmp_path / "log-killed", rank), _log(tmp_path / "log-resumed", rank)
         assert sorted(ref) == list(range(1, n + 1))
-        assert sorted(killed) == list(range(1, kill_at + 1)) and sorted(resumed) == list(range(3, n + 1))
+        assert sorted(killed) == list(range(1, kill_in_save + 1)) and sorted(resumed) == list(range(3, n + 1))
         for step in range(1, n + 1):  # bitwise: the same float32 losses and grad norms
             got = killed[step] if step < 3 else resumed[step]
+            assert step > kill_in_save or killed[step] == ref[step], (rank, step)
             assert got == ref[step], (rank, step)
     for which in ("student", "disc"):
         a = load_file(str(tmp_path / "log-straight" / f"final_{which}.safetensors"))

@@ -60,6 +60,8 @@ def _wait_for(what, check, timeout):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_preempted_job_checkpoints_requeues_and_finishes(cluster, world, tmp_path):
     out = tmp_path / "run"
     raw = recipe_dict(world, out, teachers=2, distributed={"engine": "fsdp2"},
@@ -94,6 +96,7 @@ def test_preempted_job_checkpoints_requeues_and_finishes(cluster, world, tmp_pat
     assert (out / "merged" / "unet").is_dir()  # exported by the finished job
 
 
+@pytest.mark.slurm
 def test_unsatisfiable_request_is_refused_plainly(cluster, world, tmp_path):
     recipe = write_recipe(tmp_path / "toy.yaml", recipe_dict(world, tmp_path / "run", teachers=2,
                                                              distributed={"engine": "fsdp2"}))

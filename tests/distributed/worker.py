@@ -1,8 +1,8 @@
 """Run by the distributed tests under torchrun / the deepspeed launcher (one copy per rank).
 
   worker.py props RECIPE OUT_DIR            layout, teacher-missing error, sharding, gradient check
-  worker.py train RECIPE OUT_DIR [--kill-at K]   train (resume: latest), log every step's losses;
-                                            --kill-at K: SIGKILL this process at the start of step K+1
+  worker.py train RECIPE OUT_DIR [--kill-in-save K]   train (resume: latest), log every step's losses;
+                                            --kill-in-save K: SIGKILL itself while writing step K's checkpoint
 Results go to OUT_DIR/<mode>.rank<r>.json(l); the test process asserts on them.
 """
 
@@ -103,15 +103,19 @@ def props(recipe, out: Path) -> None:
     (out / f"props.rank{rank}.json").write_text(json.dumps(result, indent=1))
 
 
-def train(recipe, out: Path, kill_at: int | None) -> None:
-    trainer = None
+def train(recipe, out: Path, kill_in_save: int | None) -> None:
+    trainer = DistillationTrainer(recipe)
+    if kill_in_save is not None:
+        # A hard crash in the middle of writing the checkpoint of step `kill_in_save`: the engine's
+        # shards are in the temporary folder, the per-rank state and `latest` are not yet written.
+        engine_save = trainer.engine.save
 
-    def stop_flag() -> bool:
-        if kill_at is not None and trainer.step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)  # a hard crash, no checkpoint of this step
-        return False
+        def save_then_die(folder):
+            engine_save(folder)
+            if trainer.step == kill_in_save:
+                os.kill(os.getpid(), signal.SIGKILL)
 
-    trainer = DistillationTrainer(recipe, stop_flag=stop_flag)
+        trainer.engine.save = save_then_die
     log = open(out / f"train.rank{trainer.engine.rank}.jsonl", "a")
     step_fn = trainer.train_step
 
@@ -135,7 +139,7 @@ def main() -> None:
     parser.add_argument("mode", choices=["props", "train"])
     parser.add_argument("recipe")
     parser.add_argument("out")
-    parser.add_argument("--kill-at", type=int, default=None)
+    parser.add_argument("--kill-in-save", type=int, default=None)
     parser.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher adds it
     args = parser.parse_args()
     recipe = load_recipe(args.recipe)
@@ -145,7 +149,7 @@ def main() -> None:
     if args.mode == "props":
         props(recipe, out)
     else:
-        train(recipe, out, args.kill_at)
+        train(recipe, out, args.kill_in_save)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
