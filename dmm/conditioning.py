@@ -51,6 +51,17 @@ class BaseModel:
         self._cache: dict[str, tuple] = {}
         self._cache_size = cache_size
         self.time_ids = self._time_ids() if self.arch.uses_text_time else None
+        self.device = torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> BaseModel:
+        """Move the frozen text encoders and VAE (the UNet is handed to the student, not moved)."""
+        self.device = torch.device(device)
+        for name in ("text_encoder", "text_encoder_2", "vae"):
+            module = getattr(self.pipe, name, None)
+            if module is not None:
+                module.to(self.device)
+        self._cache.clear()
+        return self
 
     def _time_ids(self) -> torch.Tensor:
         """SDXL's size conditioning (original size, crop, target size) exactly as the pipeline builds it."""
@@ -89,10 +100,10 @@ class BaseModel:
         """
         for caption in captions:
             if self.arch.uses_text_time:
-                embeds, _, pooled, _ = self.pipe.encode_prompt([caption], device="cpu", num_images_per_prompt=1,
+                embeds, _, pooled, _ = self.pipe.encode_prompt([caption], device=self.device, num_images_per_prompt=1,
                                                                do_classifier_free_guidance=False)
             else:
-                embeds, _ = self.pipe.encode_prompt([caption], "cpu", 1, False)
+                embeds, _ = self.pipe.encode_prompt([caption], self.device, 1, False)
                 pooled = [None]
             if len(self._cache) >= self._cache_size:
                 self._cache.pop(next(iter(self._cache)))
@@ -108,7 +119,7 @@ class BaseModel:
         if not self.arch.uses_text_time:
             return Conditioning(hidden, None)
         pooled = torch.stack([e[1] for e in encoded])
-        time_ids = self.time_ids.to(hidden.dtype).repeat(len(captions), 1)
+        time_ids = self.time_ids.to(hidden.device, hidden.dtype).repeat(len(captions), 1)
         return Conditioning(hidden, {"text_embeds": pooled, "time_ids": time_ids})
 
 

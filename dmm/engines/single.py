@@ -15,6 +15,10 @@ from dmm.io import atomic_torch_save
 class SingleProcessEngine(Engine):
     name = "none"
 
+    def __init__(self, recipe=None):
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+
     def prepare(self, models, optimizers, schedulers):
         self.models, self.optimizers, self.schedulers = models, optimizers, schedulers
         return models

@@ -66,15 +66,16 @@ class DistillationTrainer:
         self.layout = TeacherLayout(self.engine.world_size, self.num_styles, self.accum_steps)
         self.local_teachers = self.layout.teachers_for_rank(self.engine.rank)
         # One style vector per gradient-accumulation micro-step (teachers rotate through them; layout.py).
-        self.micro_styles = [torch.tensor(self.layout.styles_for_batch(self.engine.rank, recipe.data.batch_size, m))
-                             for m in range(self.accum_steps)]
+        self.micro_styles = [torch.tensor(self.layout.styles_for_batch(self.engine.rank, recipe.data.batch_size, m),
+                                          device=self.engine.device) for m in range(self.accum_steps)]
         self.batch_styles = self.micro_styles[0]
         # Collective: a teacher missing on one rank (node) stops every rank with the same message.
         agree(check_teacher_paths, [recipe.teachers[i] for i in self.local_teachers], what="teacher check",
               collective=self.engine.world_size > 1)
 
         torch.manual_seed(recipe.train.seed)
-        self.base = BaseModel(recipe.model.base, resolution=recipe.data.resolution)
+        self.device = self.engine.device
+        self.base = BaseModel(recipe.model.base, resolution=recipe.data.resolution).to(self.device)
         if recipe.model.arch != "auto" and recipe.model.arch != self.base.arch.name:
             raise ValueError(f"model.arch is {recipe.model.arch!r} but the base at {recipe.model.base} is "
                              f"{self.base.arch.name}")
@@ -86,6 +87,8 @@ class DistillationTrainer:
                             dtype=recipe.model.teacher_dtype, default_prediction_type=self.base.prediction_type)
             for i in self.local_teachers
         }, what="teacher loading", collective=self.engine.world_size > 1)
+        for teacher in self.teachers.values():
+            teacher.unet.to(self.device)
         self.use_adv = recipe.loss.lambda_adv > 0
         models = {"student": student}
         if self.use_adv:
@@ -95,6 +98,7 @@ class DistillationTrainer:
             # The discriminator's encoder is copied from the frozen base UNet: make every trained
             # parameter trainable before an engine registers its gradient hooks (ZeRO skips the rest).
             model.requires_grad_(True)
+            model.to(self.device)
         optimizers = {k: self._optimizer(k, m) for k, m in models.items()}
         warmup = recipe.optim.warmup_steps
         schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / max(1, warmup)))
@@ -156,13 +160,15 @@ class DistillationTrainer:
             if want_features:
                 for name, f in recorder.outputs.items():
                     if name not in feats:
-                        feats[name] = torch.empty((x_t.shape[0], *f.shape[1:]), dtype=torch.float32)
+                        feats[name] = torch.empty((x_t.shape[0], *f.shape[1:]), dtype=torch.float32,
+                                                  device=x_t.device)
                     feats[name][idx] = f.float()
         return out, feats
 
     def _disc_logits(self, x0, cond: Conditioning):
-        t = torch.randint(0, self.recipe.loss.disc_t_max, (x0.shape[0],), generator=self.generator)
-        noise = torch.randn(x0.shape, generator=self.generator)
+        # Random numbers come from the CPU generator (saved in checkpoints), whatever the device.
+        t = torch.randint(0, self.recipe.loss.disc_t_max, (x0.shape[0],), generator=self.generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=self.generator).to(x0.device)
         x_t = add_noise(x0, noise, t, self.base.alphas_cumprod)
         return self.models["disc"](x_t, t, cond.encoder_hidden_states, cond.added_cond_kwargs)
 
@@ -187,11 +193,11 @@ class DistillationTrainer:
         `scale`); the optimizers step in `train_step`. The discriminator's forward passes do not
         depend on the student's weights, so stepping both after the last micro-step is exact."""
         r = self.recipe
-        latents = self.base.encode_images(batch["pixels"])
+        latents = self.base.encode_images(batch["pixels"].to(self.device))
         captions = drop_captions(batch["captions"], r.data.caption_dropout, self.generator)
         cond = self.base.encode_captions(captions)
-        noise = torch.randn(latents.shape, generator=self.generator)
-        t = torch.randint(0, self.base.num_train_timesteps, (latents.shape[0],), generator=self.generator)
+        noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
+        t = torch.randint(0, self.base.num_train_timesteps, (latents.shape[0],), generator=self.generator).to(self.device)
         x_t = add_noise(latents, noise, t, self.base.alphas_cumprod)
         want_feat = r.loss.lambda_feat > 0
 
