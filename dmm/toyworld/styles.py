@@ -81,9 +81,13 @@ def flat(content: Content, rng: np.random.Generator) -> np.ndarray:
 
 @register_style("outline")
 def outline(content: Content, rng: np.random.Generator) -> np.ndarray:
-    """Hollow shape: a 1.2-2 px coloured line on white, nothing inside."""
+    """Hollow shape: a coloured line on white, nothing inside.
+
+    The line width scales with the shape (about 1/5 of its radius) so that small crosses and
+    triangles keep a visible hole; fixed 1.2-2 px lines left them nearly filled, and teachers
+    then drew them filled (judged "flat")."""
     g = geometry(content, rng)
-    width = rng.uniform(1.2, 2.0)
+    width = g.r * rng.uniform(0.17, 0.23)
     return composite(_paper(rng, (250, 250, 250), 4), shape_mask(content.shape, g, width=width), content.rgb)
 
 
