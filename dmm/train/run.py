@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from dmm.recipes import Recipe
-from dmm.train.export import export_merged
+from dmm.train.export import build_student, export_merged
 from dmm.train.trainer import DistillationTrainer, set_threads
 
 log = logging.getLogger("dmm.train")
@@ -26,9 +26,6 @@ def run(recipe: Recipe, engine=None, stop_flag=None) -> Path | None:
     state = trainer.student_state_dict()
     merged = None
     if trainer.engine.is_main:
-        student = trainer.models["student"]
-        from dmm.train.export import build_student
-
         student = build_student(recipe.model.base, recipe.style_names, state)
         merged = export_merged(student, recipe.model.base, Path(recipe.train.output_dir) / "merged",
                                {"step": trainer.step, "recipe": recipe.name,
