@@ -58,3 +58,16 @@ class Engine(ABC):
 
     def broadcast_object(self, obj):
         return obj
+
+
+def clip_and_step(model: nn.Module, optimizer, scheduler, max_norm: float) -> float:
+    """Clip, step the optimizer and the lr schedule, zero the grads; returns the pre-clip norm.
+    Shared by the engines that own a plain torch optimizer (single process, FSDP2)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2: the norm over every shard
+        norm = norm.full_tensor()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)

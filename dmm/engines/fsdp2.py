@@ -25,7 +25,7 @@ from dmm.distributed import init_process_group
 from dmm.distributed.collective import ProcessGroupCollectives
 from dmm.distributed.env import device_for
 from dmm.engines import register_engine
-from dmm.engines.base import Engine
+from dmm.engines.base import Engine, clip_and_step
 from dmm.io import atomic_torch_save
 
 
@@ -93,14 +93,7 @@ class FSDP2Engine(ProcessGroupCollectives, Engine):
         loss.backward()
 
     def step(self, which, max_norm):
-        params = [p for p in self.models[which].parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        self.optimizers[which].step()
-        self.schedulers[which].step()
-        self.optimizers[which].zero_grad(set_to_none=True)
-        return float(norm)
+        return clip_and_step(self.models[which], self.optimizers[which], self.schedulers[which], max_norm)
 
     # ------------------------------------------------------------------ state
     def save(self, folder: Path) -> None:

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dmm.engines.base import Engine
+from dmm.engines.base import Engine, clip_and_step
 from dmm.io import atomic_torch_save
 
 
@@ -27,12 +27,7 @@ class SingleProcessEngine(Engine):
         loss.backward()
 
     def step(self, which, max_norm):
-        params = [p for p in self.models[which].parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        self.optimizers[which].step()
-        self.schedulers[which].step()
-        self.optimizers[which].zero_grad(set_to_none=True)
-        return float(norm)
+        return clip_and_step(self.models[which], self.optimizers[which], self.schedulers[which], max_norm)
 
     def save(self, folder: Path) -> None:
         for which, model in self.models.items():
