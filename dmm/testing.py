@@ -19,6 +19,15 @@ WORDS = ["a", "red", "green", "blue", "circle", "square", "triangle", "small", "
 TEXT_DIM = 32
 
 
+def tiny_unet_config(arch: str = "sdxl") -> dict:
+    """The unit tests' UNet (a few hundred thousand parameters), from the one factory
+    `dmm.models.arch.unet_config`. Conv projections even for SDXL: the tests' seeded weights
+    (and their recorded numbers) were made that way."""
+    from dmm.models.arch import unet_config
+
+    return unet_config(arch, text_dim=TEXT_DIM, sample_size=8, use_linear_projection=False)
+
+
 def write_tokenizer(folder: Path, words=WORDS) -> Path:
     """A real CLIPTokenizer folder (vocab.json + merges.txt) where every word is one token."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -57,8 +66,6 @@ def make_tiny_pipeline(folder: str | Path, arch: str = "sdxl", seed: int = 0, pr
                            StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from dmm.models.arch import tiny_unet_config
-
     folder = Path(folder)
     torch.manual_seed(seed)
     tok_dir = write_tokenizer(folder / "_tokenizer_src")
@@ -70,7 +77,7 @@ def make_tiny_pipeline(folder: str | Path, arch: str = "sdxl", seed: int = 0, pr
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
                         norm_num_groups=4, sample_size=16)
     scheduler = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", prediction_type=prediction_type, steps_offset=1)
-    unet = UNet2DConditionModel(**tiny_unet_config(arch, text_dim=TEXT_DIM, sample_size=8))
+    unet = UNet2DConditionModel(**tiny_unet_config(arch))
     if arch == "sdxl":
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(text_cfg), text_encoder_2=
                                          CLIPTextModelWithProjection(text_cfg), tokenizer=tokenizer,

@@ -7,7 +7,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
-from dmm.models.arch import tiny_unet_config  # noqa: E402
+from dmm.testing import tiny_unet_config  # noqa: E402
 
 
 @pytest.fixture(params=["sdxl", "sd15"])

@@ -16,16 +16,22 @@ from torch import nn
 class Arch:
     name: str
     pipeline_class: str
+    # Text encoders whose token states are concatenated into the cross-attention input.
     text_encoders: int
+    # Conditioned on pooled text + size ids (`addition_embed_type="text_time"`).
     uses_text_time: bool
     # Number of blocks in diffusers naming at full size (down, up); the mid block is always one.
     full_size_blocks: tuple[int, int]
     default_resolution: int
+    # Numbers in the size conditioning (original size, crop corner, target size) when uses_text_time.
+    time_ids: int = 0
+    # Transformer blocks project in/out with Linear (SDXL) rather than 1x1 Conv (SD1.5).
+    linear_projection: bool = False
 
 
 ARCHS: dict[str, Arch] = {
     "sd15": Arch("sd15", "StableDiffusionPipeline", 1, False, (4, 4), 512),
-    "sdxl": Arch("sdxl", "StableDiffusionXLPipeline", 2, True, (3, 3), 1024),
+    "sdxl": Arch("sdxl", "StableDiffusionXLPipeline", 2, True, (3, 3), 1024, time_ids=6, linear_projection=True),
 }
 
 
@@ -59,31 +65,41 @@ def feature_blocks(unet) -> dict[str, nn.Module]:
     return blocks
 
 
-def tiny_unet_config(arch: str = "sdxl", *, text_dim: int = 32, sample_size: int = 8) -> dict:
-    """A real-architecture UNet small enough for unit tests (a few hundred thousand parameters)."""
-    common = dict(
+def unet_config(arch: str, *, block_out_channels: tuple[int, ...] = (16, 32), layers_per_block: int = 1,
+                attention_head_dim: int | tuple[int, ...] = 4, norm_num_groups: int = 8, text_dim: int = 32,
+                pooled_dim: int | None = None, sample_size: int = 8, latent_channels: int = 4,
+                addition_time_embed_dim: int = 8, use_linear_projection: bool | None = None) -> dict:
+    """`UNet2DConditionModel` arguments of a small real-architecture UNet: the one tiny-model factory
+    (unit tests, the toy world). Its conditioning follows the architecture map: cross-attention
+    over `text_encoders` concatenated token states of width `text_dim`, plus for SDXL the pooled
+    text (`pooled_dim`, default `text_dim`) and size ids. The layout is the cheap one: the first
+    (highest-resolution) block has no attention, every later block does."""
+    spec = get_arch(arch)
+    n = len(block_out_channels)
+    if n < 2:
+        raise ValueError(f"block_out_channels needs at least 2 levels, got {block_out_channels!r}")
+    config = dict(
         sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        attention_head_dim=4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        layers_per_block=layers_per_block,
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        norm_num_groups=norm_num_groups,
+        attention_head_dim=attention_head_dim,
+        cross_attention_dim=spec.text_encoders * text_dim,
+        transformer_layers_per_block=1,
+        use_linear_projection=spec.linear_projection if use_linear_projection is None else use_linear_projection,
     )
-    if arch == "sdxl":
-        return dict(
-            common,
-            cross_attention_dim=2 * text_dim,
+    if spec.uses_text_time:
+        config.update(
             addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=6 * 8 + text_dim,
-            transformer_layers_per_block=1,
+            addition_time_embed_dim=addition_time_embed_dim,
+            projection_class_embeddings_input_dim=spec.time_ids * addition_time_embed_dim
+            + (text_dim if pooled_dim is None else pooled_dim),
         )
-    if arch == "sd15":
-        return dict(common, cross_attention_dim=text_dim)
-    raise ValueError(f"unknown architecture {arch!r}; known: {sorted(ARCHS)}")
+    return config
 
 
 def sd15_unet_config() -> dict:

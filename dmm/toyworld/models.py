@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-ARCHS = ("sdxl", "sd15")
+from dmm.models.arch import ARCHS, get_arch, unet_config
+
 LATENT_CHANNELS = 4
 
 
@@ -83,25 +84,17 @@ def make_vae(resolution: int = 32):
 
 
 def make_unet(arch: str, cfg: UNetConfig, text_width: int, pooled_dim: int, latent_size: int):
-    """SDXL-shaped (text_time added embedding, cross-attention over both encoders' concat) or SD1.5-shaped."""
+    """SDXL-shaped (text_time added embedding, cross-attention over both encoders' concat) or
+    SD1.5-shaped, from the one factory `dmm.models.arch.unet_config`."""
     from diffusers import UNet2DConditionModel
 
     if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
-    n = len(cfg.block_out_channels)
-    kw = dict(sample_size=latent_size, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-              down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-              up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
-              block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
-              attention_head_dim=tuple(cfg.heads), norm_num_groups=cfg.norm_num_groups)
-    if arch == "sdxl":
-        kw.update(cross_attention_dim=2 * text_width, addition_embed_type="text_time",
-                  addition_time_embed_dim=cfg.addition_time_embed_dim,
-                  projection_class_embeddings_input_dim=6 * cfg.addition_time_embed_dim + pooled_dim,
-                  use_linear_projection=True, transformer_layers_per_block=1)
-    else:
-        kw.update(cross_attention_dim=text_width)
-    return UNet2DConditionModel(**kw)
+        raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
+    return UNet2DConditionModel(**unet_config(
+        arch, block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+        attention_head_dim=tuple(cfg.heads), norm_num_groups=cfg.norm_num_groups, text_dim=text_width,
+        pooled_dim=pooled_dim, sample_size=latent_size, latent_channels=LATENT_CHANNELS,
+        addition_time_embed_dim=cfg.addition_time_embed_dim))
 
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
@@ -124,26 +117,19 @@ def make_pipeline(arch: str, tokenizer, text_encoders, vae, unet, scheduler=None
     """A stock diffusers pipeline object (what `save_pretrained` turns into a pipeline folder)."""
     scheduler = scheduler or make_sample_scheduler()
     te1, te2 = text_encoders
-    if arch == "sdxl":
-        from diffusers import StableDiffusionXLPipeline
-
-        return StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer,
-                                         tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
-                                         force_zeros_for_empty_prompt=False, add_watermarker=False)
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(vae=vae, text_encoder=te1, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    cls = pipeline_class(arch)
+    if get_arch(arch).text_encoders == 2:
+        return cls(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer, tokenizer_2=tokenizer,
+                   unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=False, add_watermarker=False)
+    return cls(vae=vae, text_encoder=te1, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def pipeline_class(arch: str):
-    if arch == "sdxl":
-        from diffusers import StableDiffusionXLPipeline
+    """The diffusers pipeline class the architecture map names for `arch`."""
+    import diffusers
 
-        return StableDiffusionXLPipeline
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline
+    return getattr(diffusers, get_arch(arch).pipeline_class)
 
 
 def count_params(module: torch.nn.Module) -> int:

@@ -1,14 +1,20 @@
-"""Style registry: a style is a function (Content, numpy Generator) -> image, registered by name.
+"""Toy styles on the generic registry (kind "toy style"): a style is a function
+(Content, numpy Generator) -> image, registered by name with a one-line description.
 
-Add a style with one decorator:
+Add a style with one decorator (in your own module or .py file, loaded with
+`dmm.registry.load_plugin`; no edit of dmm needed):
 
-    @register_style("stamp")
+    from dmm.toyworld import register_style
+    from dmm.toyworld.draw import composite, geometry, shape_mask, solid
+
+    @register_style("stamp", description="Solid shape on white, like a rubber stamp.")
     def stamp(content, rng):
         return composite(solid((250, 250, 250)), shape_mask(content.shape, geometry(content, rng)), content.rgb)
 
 A style returns a float [32,32,3] array in [0,1] or a PIL image. Nuisance parameters (line width,
 glow radius, paper tint) are drawn from `rng` so a style is a distribution, not a single look;
-this makes the style classifier robust on generated images.
+this makes the style classifier robust on generated images. Styles sit above `draw` and below
+`render` (render -> styles -> draw).
 """
 from __future__ import annotations
 
@@ -17,43 +23,64 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from dmm.registry import Registry, RegistryError
+
 from .content import Content
-from .render import RESOLUTION, blur, composite, geometry, shape_mask, solid
+from .draw import RESOLUTION, blur, composite, geometry, shape_mask, solid
 
 StyleFn = Callable[[Content, np.random.Generator], "np.ndarray | Image.Image"]
-_REGISTRY: dict[str, StyleFn] = {}
+
+#: Every registered style; `dmm.registry.get_registry("toy style")` finds it by kind.
+STYLES: Registry[StyleFn] = Registry("toy style")
 
 #: The four most distinct styles: what a world is built with unless told otherwise.
 DEFAULT_STYLES: tuple[str, ...] = ("flat", "outline", "neon", "pixel")
 
 
-def register_style(name: str, *, overwrite: bool = False) -> Callable[[StyleFn], StyleFn]:
-    """Decorator registering `fn` as style `name` (names are lowercase identifiers, no commas)."""
-    if not name or not name.replace("_", "").replace("-", "").isalnum() or name != name.lower():
-        raise ValueError(f"style names are lowercase identifiers, got {name!r}")
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum() or name != name.lower():
+        raise RegistryError(f"style names are lowercase identifiers (letters, digits, _ or -), got {name!r}; "
+                            "rename the style")
+
+
+def register_style(name: str, *, description: str | None = None, overwrite: bool = False) -> Callable[[StyleFn], StyleFn]:
+    """Decorator registering `fn` as style `name` in `STYLES`.
+
+    The description defaults to the first line of the function's docstring. Registering the same
+    function twice is a no-op (a module imported again); another function under a taken name is
+    refused unless `overwrite=True`. Styles take no options: their parameters are nuisance drawn
+    from `rng`, so a style is a distribution (a variant with other ranges is another style)."""
+    _check_name(name)
 
     def decorator(fn: StyleFn) -> StyleFn:
-        if name in _REGISTRY and not overwrite and _REGISTRY[name] is not fn:
-            raise ValueError(f"style {name!r} is already registered (pass overwrite=True to replace it)")
-        _REGISTRY[name] = fn
+        if name in STYLES and STYLES.get(name).obj is fn:
+            return fn
+        if name in STYLES and not overwrite:
+            raise RegistryError(f"style {name!r} is already registered ({STYLES.get(name).description}); "
+                                "pick another name or pass overwrite=True to replace it")
+        text = description or (fn.__doc__ or "").strip().split("\n")[0]
+        if not text:
+            raise RegistryError(f"style {name!r}: give a one-line description "
+                                "(register_style(..., description=...) or a docstring)")
+        STYLES.add(name, fn, description=text, replace=overwrite)
         return fn
 
     return decorator
 
 
 def unregister_style(name: str) -> None:
-    _REGISTRY.pop(name, None)
+    """Remove style `name` if it is registered (tests and plugins cleaning up)."""
+    if name in STYLES:
+        STYLES.remove(name)
 
 
 def get_style(name: str) -> StyleFn:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown style {name!r}; known styles: {', '.join(list_styles())}") from None
+    """The style function; an unknown name raises RegistryError listing the registered ones."""
+    return STYLES.get(name).obj
 
 
 def list_styles() -> list[str]:
-    return list(_REGISTRY)
+    return STYLES.names()
 
 
 def parse_styles(spec: str | list[str] | tuple[str, ...] | None) -> list[str]:
