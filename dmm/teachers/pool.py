@@ -1,4 +1,10 @@
-"""The teacher pool: frozen teacher UNets, checked against the student before any training."""
+"""The teacher pool: frozen teacher UNets, checked against the student before any training.
+
+Whatever goes wrong while a teacher loads (an unreadable file, a broken config, weights that do
+not fit, NaN/inf weights, a shape unlike the student's) becomes one `TeacherLoadError` naming the
+teacher, its path and the fix, on the rank that holds it; the trainer's `agree` then stops every
+rank with that message instead of a gloo error or a diverged step later.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,14 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from dmm.recipes import TeacherSpec
-from dmm.teachers.formats import load_teacher_unet
+from dmm.schema import ConfigError
+from dmm.teachers.formats import TeacherFileError, load_teacher_unet
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class TeacherLoadError(ValueError):
+    """A teacher that cannot be used: `teacher 'name' (path): what is wrong; what to do`."""
 
 
 def first_shape_mismatch(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> str | None:
@@ -38,6 +49,15 @@ def check_teacher_shape(name: str, teacher: nn.Module, student_base: nn.Module) 
         )
 
 
+def first_non_finite(module: nn.Module) -> str | None:
+    """`key (k of n values are NaN/inf)` for the first tensor holding NaN or inf, or None."""
+    for key, value in module.state_dict().items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            return f"{key} ({bad} of {value.numel()} values are NaN/inf)"
+    return None
+
+
 def teacher_prediction_type(spec: TeacherSpec, default: str) -> str:
     """A teacher pipeline folder's own scheduler says its parameterisation; otherwise the base's."""
     import json
@@ -56,10 +76,33 @@ class Teacher:
     prediction_type: str
 
 
+def _reason(err: BaseException) -> str:
+    """One line: our own errors as written, anything else with its type (never a traceback)."""
+    text = " ".join(str(err).split())
+    if isinstance(err, (TeacherFileError, ConfigError, FileNotFoundError)) or type(err) is ValueError:
+        return text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def load_teacher(index: int, spec: TeacherSpec, *, base: str, student_base: nn.Module, dtype: str,
                  default_prediction_type: str) -> Teacher:
-    unet = load_teacher_unet(spec.path, spec.format, base=base, allow_pickle=spec.allow_pickle, dtype=DTYPES[dtype])
-    check_teacher_shape(spec.name, unet, student_base)
+    where = f"teacher {spec.name!r} ({spec.path})"
+    try:
+        unet = load_teacher_unet(spec.path, spec.format, base=base, allow_pickle=spec.allow_pickle,
+                                 dtype=DTYPES[dtype], options=getattr(spec, "options", None),
+                                 where=f"teachers[{index}].options")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{where}: {_reason(err)}") from None
+    except Exception as err:
+        raise TeacherLoadError(f"{where}: {_reason(err)}") from err
+    bad = first_non_finite(unet)
+    if bad is not None:
+        raise TeacherLoadError(f"{where}: non-finite weights, first in {bad}; the checkpoint is corrupt or was "
+                               "saved after its training diverged: use another checkpoint of this teacher")
+    try:
+        check_teacher_shape(spec.name, unet, student_base)
+    except ValueError as err:
+        raise TeacherLoadError(f"{where}: {str(err).replace(f'teacher {spec.name!r} ', '', 1)}") from None
     unet.requires_grad_(False).eval()
     return Teacher(index, spec.name, unet, teacher_prediction_type(spec, default_prediction_type))
 
