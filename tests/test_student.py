@@ -98,3 +98,37 @@ def test_bake_is_exact_plain_unet(tiny_unet):
     torch.testing.assert_close(plain(x, t, ehs, **kw).sample,
                                student(x, t, ehs, class_labels=torch.tensor([1, 1]), **kw).sample,
                                rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------- class_labels checked in forward
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (torch.tensor([0, 1, 2]), "got styles for 3 samples but the batch has 2"),
+        (torch.tensor([0, 3]), r"style indices must lie in \[0, 3\); this model has styles \['flat', 'neon', 'pixel'\]"),
+        (torch.tensor([-1, 0]), r"style indices must lie in \[0, 3\)"),
+        (torch.tensor([[0.5, 0.5, 0.0]] * 3), "got styles for 3 samples but the batch has 2"),
+        (torch.tensor([[0.5, 0.5]] * 2), r"mixing weights need 3 values \(\['flat', 'neon', 'pixel'\]\), got 2"),
+        (torch.tensor([[0.7, 0.7, 0.0]] * 2), "must sum to 1"),
+        (torch.tensor([[1.5, -0.5, 0.0]] * 2), "non-negative"),
+        (torch.tensor([[float("nan"), 0.5, 0.5]] * 2), "finite"),
+        (torch.tensor([[0, 1]]), r"class_labels must be style indices \(B,\) or mixing weights \(B, 3\), "
+                                 r"got torch.int64 of shape \(1, 2\)"),
+        (torch.tensor([True, False]), "class_labels must be style indices"),
+        (["flat", "anime"], r"unknown style 'anime'; known styles: \['flat', 'neon', 'pixel'\]"),
+    ],
+)
+def test_forward_checks_class_labels_like_set_style(tiny_unet, labels, message):
+    student = _trained_student(tiny_unet)
+    x, t, ehs, kw = unet_inputs(tiny_unet)
+    with pytest.raises(ValueError, match=message):
+        student(x, t, ehs, class_labels=labels, **kw)
+
+
+def test_forward_accepts_every_form_of_class_labels(tiny_unet):
+    student = _trained_student(tiny_unet)
+    x, t, ehs, kw = unet_inputs(tiny_unet)
+    ref = student(x, t, ehs, class_labels=torch.tensor([1, 1]), **kw).sample
+    for labels in (torch.tensor([0.0, 1.0, 0.0]), torch.tensor([[0.0, 1.0, 0.0]] * 2), torch.tensor(1),
+                   torch.tensor([1], dtype=torch.int32), ["neon", "neon"], "neon"):
+        torch.testing.assert_close(student(x, t, ehs, class_labels=labels, **kw).sample, ref)

@@ -19,6 +19,7 @@ from torch import nn
 from dmm.models.arch import time_embed_dim
 
 StyleSpec = str | int | Mapping[str, float] | Sequence | torch.Tensor
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 class StyleCodebook(nn.Module):
@@ -39,7 +40,7 @@ class StyleCodebook(nn.Module):
 
     def embed(self, style: torch.Tensor) -> torch.Tensor:
         """Indices (B,) pick rows; weights (B, N) mix rows before the MLP, as in the paper."""
-        if style.dtype in (torch.int64, torch.int32):
+        if style.dtype in INDEX_DTYPES:
             return self.codebook(style.long())
         return style.to(self.codebook.weight.dtype) @ self.codebook.weight
 
@@ -171,6 +172,8 @@ class StyleUNet2DConditionModel(UNet2DConditionModel):
         self.class_embedding.held = held
 
     def forward(self, sample, timestep, encoder_hidden_states, class_labels=None, **kwargs):
+        """`class_labels`: per-sample styles (indices (B,), mixing weights (B, N), or one style for the
+        whole batch), checked like `set_style` so a bad one fails here, not as a wrong embedding."""
         if class_labels is None:
             held = self.class_embedding.held
             if held is None:
@@ -178,7 +181,18 @@ class StyleUNet2DConditionModel(UNet2DConditionModel):
                     f"no style chosen: call unet.set_style(name) first or pass class_labels; styles: {self.style_names}"
                 )
             class_labels = held.to(sample.device).expand(sample.shape[0], *held.shape[1:])
+        else:
+            class_labels = self._check_class_labels(class_labels, sample.shape[0]).to(sample.device)
         return super().forward(sample, timestep, encoder_hidden_states, class_labels=class_labels, **kwargs)
+
+    def _check_class_labels(self, class_labels, batch: int) -> torch.Tensor:
+        if isinstance(class_labels, torch.Tensor):
+            floating, integer = class_labels.is_floating_point(), class_labels.dtype in INDEX_DTYPES
+            if not (floating and class_labels.dim() in (1, 2) or integer and class_labels.dim() in (0, 1)):
+                raise ValueError(f"class_labels must be style indices (B,) or mixing weights (B, "
+                                 f"{len(self.style_names)}), got {class_labels.dtype} of shape "
+                                 f"{tuple(class_labels.shape)}")
+        return resolve_style(class_labels, self.style_names, batch=batch)
 
     def bake(self, style: StyleSpec) -> UNet2DConditionModel:
         """A plain UNet that always generates `style`: the style vector folded into the time MLP's
