@@ -112,8 +112,8 @@ def test_bake_is_exact_plain_unet(tiny_unet):
         (torch.tensor([[0.7, 0.7, 0.0]] * 2), "must sum to 1"),
         (torch.tensor([[1.5, -0.5, 0.0]] * 2), "non-negative"),
         (torch.tensor([[float("nan"), 0.5, 0.5]] * 2), "finite"),
-        (torch.tensor([[0, 1]]), r"class_labels must be style indices \(B,\) or mixing weights \(B, 3\), "
-                                 r"got torch.int64 of shape \(1, 2\)"),
+        (torch.tensor([[0, 1]]), (r"class_labels must be style indices \(B,\) or mixing weights \(B, 3\), "
+                                 r"got torch.int64 of shape \(1, 2\)")),
         (torch.tensor([True, False]), "class_labels must be style indices"),
         (["flat", "anime"], r"unknown style 'anime'; known styles: \['flat', 'neon', 'pixel'\]"),
     ],
