@@ -1,7 +1,9 @@
-"""The base model's conditioning, computed by the pipeline's own `encode_prompt`.
+"""Caption conditioning, computed by the pipeline's own `encode_prompt`: the one caption encoder.
 
 Training must condition the UNets exactly as sampling does; delegating to the pipeline (SD1.5:
-one text encoder; SDXL: two, plus pooled text and size ids) guarantees it.
+one text encoder; SDXL: two, plus pooled text and size ids) guarantees it. `encode_prompts` and
+`size_ids` are the only places that call the pipeline for this; `FrozenPipeline` (the trainer's
+frozen base with a caption cache) and the toy world's caption table both use them.
 """
 
 from __future__ import annotations
@@ -28,8 +30,39 @@ class Conditioning:
         return {} if self.added_cond_kwargs is None else {"added_cond_kwargs": self.added_cond_kwargs}
 
 
-class BaseModel:
-    """The common base: its pipeline supplies text encoders, VAE, scheduler and the initial UNet."""
+@torch.no_grad()
+def encode_prompts(pipe, captions: list[str], device: torch.device | str = "cpu", arch: Arch | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(token states [N, L, D], pooled text [N, P] or None) of `captions`, in one `encode_prompt` call.
+
+    SDXL (pooled text + size ids) is recognised from the UNet's config through the architecture
+    map (`detect_arch`), the same way everywhere; pass `arch` when the pipeline's UNet was handed
+    on. Batched encoding may differ in the last bits from one caption at a time (CPU GEMM paths
+    depend on the batch size): callers that need bitwise resume encode one caption per call."""
+    device = torch.device(device)
+    if arch is None:
+        if getattr(pipe, "unet", None) is None:
+            raise ValueError("encode_prompts: the pipeline has no UNet to detect its architecture from; "
+                             "pass arch=dmm.models.arch.detect_arch(<its unet config>)")
+        arch = detect_arch(pipe.unet.config)
+    if arch.uses_text_time:
+        embeds, _, pooled, _ = pipe.encode_prompt(list(captions), device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        return embeds, pooled
+    embeds, _ = pipe.encode_prompt(list(captions), device, 1, False)
+    return embeds, None
+
+
+def size_ids(pipe, resolution: int) -> torch.Tensor:
+    """SDXL's size conditioning [1, 6] (original size, crop, target size) exactly as the pipeline builds it."""
+    size = (resolution, resolution)
+    te2 = getattr(pipe, "text_encoder_2", None)
+    proj_dim = te2.config.projection_dim if te2 is not None else None
+    return pipe._get_add_time_ids(size, (0, 0), size, dtype=torch.float32, text_encoder_projection_dim=proj_dim)
+
+
+class FrozenPipeline:
+    """The frozen base pipeline (text encoders, VAE, scheduler, initial UNet) with a caption cache."""
 
     def __init__(self, path: str | Path, *, resolution: int, cache_size: int = 4096):
         path = Path(path)
@@ -50,10 +83,10 @@ class BaseModel:
         self.prediction_type = self.noise_scheduler.config.prediction_type
         self._cache: dict[str, tuple] = {}
         self._cache_size = cache_size
-        self.time_ids = self._time_ids() if self.arch.uses_text_time else None
+        self.time_ids = size_ids(self.pipe, resolution) if self.arch.uses_text_time else None
         self.device = torch.device("cpu")
 
-    def to(self, device: torch.device | str) -> BaseModel:
+    def to(self, device: torch.device | str) -> FrozenPipeline:
         """Move the frozen text encoders and VAE (the UNet is handed to the student, not moved)."""
         self.device = torch.device(device)
         for name in ("text_encoder", "text_encoder_2", "vae"):
@@ -62,14 +95,6 @@ class BaseModel:
                 module.to(self.device)
         self._cache.clear()
         return self
-
-    def _time_ids(self) -> torch.Tensor:
-        """SDXL's size conditioning (original size, crop, target size) exactly as the pipeline builds it."""
-        size = (self.resolution, self.resolution)
-        te2 = self.pipe.text_encoder_2
-        proj_dim = te2.config.projection_dim if te2 is not None else None
-        return self.pipe._get_add_time_ids(size, (0, 0), size, dtype=torch.float32,
-                                           text_encoder_projection_dim=proj_dim)
 
     @property
     def unet(self):
@@ -99,15 +124,10 @@ class BaseModel:
         met before a checkpoint was encoded differently after resuming, breaking bitwise resume.
         """
         for caption in captions:
-            if self.arch.uses_text_time:
-                embeds, _, pooled, _ = self.pipe.encode_prompt([caption], device=self.device, num_images_per_prompt=1,
-                                                               do_classifier_free_guidance=False)
-            else:
-                embeds, _ = self.pipe.encode_prompt([caption], self.device, 1, False)
-                pooled = [None]
+            embeds, pooled = encode_prompts(self.pipe, [caption], self.device, self.arch)
             if len(self._cache) >= self._cache_size:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[caption] = (embeds[0], pooled[0])
+            self._cache[caption] = (embeds[0], None if pooled is None else pooled[0])
 
     @torch.no_grad()
     def encode_captions(self, captions: list[str]) -> Conditioning:

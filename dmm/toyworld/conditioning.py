@@ -1,7 +1,8 @@
 """Caption conditioning computed by the pipeline itself, cached for the closed caption set.
 
 Training must see exactly what sampling feeds the UNet, so embeddings come from the pipeline's own
-`encode_prompt` (and SDXL's `_get_add_time_ids` for a 32x32 image), never from a re-implementation.
+`encode_prompt` through `dmm.conditioning.encode_prompts` (and `size_ids` for a 32x32 image), never
+from a re-implementation.
 The last row of the table is the empty caption: the unconditional branch for CFG and the 10%
 caption dropout of training.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from dmm.conditioning import encode_prompts, size_ids
 
 
 @dataclass
@@ -50,23 +53,14 @@ class CaptionTable:
 
 @torch.no_grad()
 def encode_captions(pipe, captions: list[str], resolution: int = 32, batch: int = 256) -> CaptionTable:
-    """Encode `captions` + the empty caption with `pipe.encode_prompt` (SDXL or SD1.5 pipeline)."""
+    """Encode `captions` + the empty caption with the one caption encoder (`dmm.conditioning`)."""
     texts = list(captions) + [""]
-    sdxl = hasattr(pipe, "text_encoder_2")
     embeds, pooled = [], []
     for i in range(0, len(texts), batch):
-        chunk = texts[i:i + batch]
-        if sdxl:
-            pe, _, pp, _ = pipe.encode_prompt(chunk, device=torch.device("cpu"), num_images_per_prompt=1,
-                                              do_classifier_free_guidance=False)
-            pooled.append(pp)
-        else:
-            pe, _ = pipe.encode_prompt(chunk, torch.device("cpu"), 1, False)
+        pe, pp = encode_prompts(pipe, texts[i:i + batch], "cpu")
         embeds.append(pe)
-    time_ids = None
-    if sdxl:
-        size = (resolution, resolution)
-        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=torch.float32,
-                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)[0]
+        pooled.append(pp)
+    sdxl = pooled[0] is not None
     return CaptionTable(captions=list(captions), prompt_embeds=torch.cat(embeds).float(),
-                        pooled=torch.cat(pooled).float() if sdxl else None, time_ids=time_ids)
+                        pooled=torch.cat(pooled).float() if sdxl else None,
+                        time_ids=size_ids(pipe, resolution)[0] if sdxl else None)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dmm.conditioning import BaseModel, Conditioning, drop_captions
+from dmm.conditioning import Conditioning, FrozenPipeline, drop_captions
 from dmm.data import ShardStream, expand_urls
 from dmm.distributed import agree
 from dmm.diffusion import add_noise, convert_prediction, predict_x0
@@ -75,7 +75,7 @@ class DistillationTrainer:
 
         torch.manual_seed(recipe.train.seed)
         self.device = self.engine.device
-        self.base = BaseModel(recipe.model.base, resolution=recipe.data.resolution).to(self.device)
+        self.base = FrozenPipeline(recipe.model.base, resolution=recipe.data.resolution).to(self.device)
         if recipe.model.arch != "auto" and recipe.model.arch != self.base.arch.name:
             raise ValueError(f"model.arch is {recipe.model.arch!r} but the base at {recipe.model.base} is "
                              f"{self.base.arch.name}")
