@@ -64,7 +64,7 @@ def main(argv=None) -> int:
 
     import submitit
 
-    from dmm.distributed.slurm import DistillJob
+    from dmm.train.slurm_job import DistillJob
 
     folder = Path(args.folder or Path(recipe.train.output_dir) / "slurm").resolve()
     folder.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -37,12 +38,21 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from dmm.train.run import run
+    from dmm.train.signals import exit_code, resume_hint, signal_name
+    from dmm.train.trainer import StopRequested
 
     try:  # engines deepspeed/fsdp2 start the process group from torchrun/deepspeed/SLURM variables
         merged = run(recipe)
     except (ValueError, FileNotFoundError) as err:  # bad input: the same clear message on every rank
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except StopRequested as stop:  # SIGINT/SIGTERM: the checkpoint is written; say how to go on
+        print(f"stopped by {signal_name(stop.signum)} at step {stop.step}, checkpoint {stop.checkpoint}; "
+              f"{resume_hint()}", file=sys.stderr)
+        return exit_code(stop.signum)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print(f"aborted by Ctrl-C: nothing saved since the last checkpoint; {resume_hint()}", file=sys.stderr)
+        return exit_code(signal.SIGINT)
     finally:
         import torch.distributed as dist
 
@@ -51,7 +61,7 @@ def main(argv=None) -> int:
     if merged is not None:
         print(f"merged model: {merged}")
         if args.demo:
-            from dmm.demo import summarise
+            from eval.demo import summarise
 
             summarise(recipe, merged)
     return 0

@@ -7,13 +7,18 @@ from pathlib import Path
 
 from dmm.recipes import Recipe
 from dmm.train.export import build_student, export_merged
+from dmm.train.signals import StopSignals
 from dmm.train.trainer import DistillationTrainer, set_threads
 
 log = logging.getLogger("dmm.train")
 
 
 def run(recipe: Recipe, engine=None, stop_flag=None) -> Path | None:
-    """Returns the merged model folder (on the main rank; None elsewhere)."""
+    """Returns the merged model folder (on the main rank; None elsewhere).
+
+    `stop_flag`: a `StopSignals` (default: SIGINT and SIGTERM), whose handlers are in place while
+    training, or any callable the trainer asks at each step boundary. A stop raises
+    `StopRequested` after the checkpoint is written; nothing is exported then."""
     set_threads()
     if engine is None and recipe.distributed.engine == "none":
         from dmm.distributed import launch_env
@@ -21,8 +26,14 @@ def run(recipe: Recipe, engine=None, stop_flag=None) -> Path | None:
         if launch_env().distributed:
             raise ValueError(f"started as {launch_env().world_size} processes but distributed.engine is 'none': "
                              "set distributed.engine to deepspeed or fsdp2 (--set distributed.engine=fsdp2)")
+    if stop_flag is None:
+        stop_flag = StopSignals()
     trainer = DistillationTrainer(recipe, engine=engine, stop_flag=stop_flag)
-    trainer.fit()
+    if isinstance(stop_flag, StopSignals):
+        with stop_flag.installed():
+            trainer.fit()
+    else:
+        trainer.fit()
     state = trainer.student_state_dict()
     merged = None
     if trainer.engine.is_main:

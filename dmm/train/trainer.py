@@ -250,65 +250,85 @@ class DistillationTrainer:
         return {"recipe": self.recipe.to_dict()}
 
     def save_checkpoint(self) -> Path:
-        return self.checkpoints.save(self.engine, self.step, self._trainer_state(),
-                                     {"data": self.stream.state_dict(), "generator": self.generator.get_state()})
+        folder = self.checkpoints.save(self.engine, self.step, self._trainer_state(),
+                                       {"data": self.stream.state_dict(), "generator": self.generator.get_state()})
+        self.saved = (self.step, folder)
+        return folder
 
-    def maybe_resume(self) -> None:
-        folder = self.checkpoints.resolve(self.recipe.train.resume)
-        if folder is None:
-            return
-        state, rank_state = self.checkpoints.load_state(folder, self.engine.rank)
-        diffs = recipe_differences(state["recipe"], self.recipe.to_dict())
-        if diffs:
-            raise ValueError(f"cannot resume from {folder}: it was written by a different recipe; "
-                             f"differing keys: {diffs}")
-        if state["world_size"] != self.engine.world_size:
-            raise ValueError(f"cannot resume from {folder}: written by {state['world_size']} ranks, "
-                             f"this run has {self.engine.world_size}")
-        self.engine.load(folder)
-        self.stream.load_state_dict(rank_state["data"])
-        self.generator.set_state(rank_state["generator"])
-        set_rng_state(rank_state["rng"])
-        self.step = state["step"]
+    def maybe_resume(self) -> Path | None:
+        """Decide from `train.resume` and the run folder (`checkpoint.choose_resume`, on the main rank,
+        the same outcome or error on every rank) and load the chosen checkpoint. It writes nothing
+        but the moving aside of an earlier run on a fresh start, so a refused resume leaves the folder as it was."""
+        from dmm.distributed import agree
+        from dmm.train.checkpoint import choose_resume
+
+        def decide():
+            if not self.engine.is_main:
+                return None
+            return choose_resume(self.out, self.checkpoints, self.recipe.train.resume, self.recipe.to_dict(),
+                                 self.engine.world_size)
+
+        folder, message = self.engine.broadcast_object(agree(decide, what="resume",
+                                                             collective=self.engine.world_size > 1))
+        if folder is not None:
+            state, rank_state = self.checkpoints.load_state(folder, self.engine.rank)
+            self.engine.load(folder)
+            self.stream.load_state_dict(rank_state["data"])
+            self.generator.set_state(rank_state["generator"])
+            set_rng_state(rank_state["rng"])
+            self.step = state["step"]
+            self.saved = (self.step, folder)
         if self.engine.is_main:
-            log.info("resumed from %s at step %d", folder, self.step)
+            log.info("%s", message)
+        return folder
 
     # ----------------------------------------------------------------- loop
     def fit(self) -> Path:
+        """Train to `train.max_steps`, continuing the run folder's run as `train.resume` says. A stop
+        request (`stop_flag()` returns a signal number, or True; agreed by the ranks at each step
+        boundary) writes a checkpoint and raises StopRequested with `.signum`, `.step`, `.checkpoint`."""
+        from dmm.distributed.slurm import max_over_ranks
+        from dmm.io import make_dir
+
         r = self.recipe
+        self.saved = (None, None)
+        self.maybe_resume()  # refuses an incompatible run before anything is written
         if self.engine.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            make_dir(self.out)
             r.save(self.out / "recipe.yaml")
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.out / "tb"))
-        self.maybe_resume()
         bar = tqdm(total=r.train.max_steps, initial=self.step, desc="distill", disable=not self.engine.is_main,
                    dynamic_ncols=True)
         data = iter(self.stream)
-        started = time.time()
-        while self.step < r.train.max_steps:
-            if self.stop_flag is not None and self.stop_flag():
-                self.save_checkpoint()
-                raise StopRequested(f"stopped at step {self.step} on request; checkpoint saved")
-            metrics = self.train_step([next(data) for _ in range(self.accum_steps)])
-            self.step += 1
-            bar.update(1)
-            if self.engine.is_main and (self.step % r.train.log_every == 0 or self.step == r.train.max_steps):
-                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("score", "feat", "gen", "disc")})
-                for k, v in metrics.items():
-                    self.writer.add_scalar(f"train/{k}", v, self.step)
-                elapsed = time.time() - started
-                self.writer.add_scalar("perf/samples_per_s",
-                                       r.data.batch_size * self.accum_steps * self.engine.world_size * self.step / max(elapsed, 1e-9),
-                                       self.step)
-            self.last_metrics = metrics
-            if self.step % r.train.checkpoint_every == 0 or self.step == r.train.max_steps:
-                self.save_checkpoint()
-        bar.close()
-        if self.writer is not None:
-            self.writer.flush()
-        return self.checkpoints.latest()
+        started, start_step = time.time(), self.step
+        try:
+            while self.step < r.train.max_steps:
+                signum = 0 if self.stop_flag is None else max_over_ranks(int(self.stop_flag() or 0),
+                                                                         self.engine.world_size)
+                if signum:
+                    folder = self.saved[1] if self.saved[0] == self.step else self.save_checkpoint()
+                    stop = StopRequested(f"stopped at step {self.step} on request; checkpoint saved: {folder}")
+                    stop.signum, stop.step, stop.checkpoint = signum, self.step, folder
+                    raise stop
+                metrics = self.train_step([next(data) for _ in range(self.accum_steps)])
+                self.step += 1
+                bar.update(1)
+                if self.engine.is_main and (self.step % r.train.log_every == 0 or self.step == r.train.max_steps):
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("score", "feat", "gen", "disc")})
+                    for k, v in metrics.items():
+                        self.writer.add_scalar(f"train/{k}", v, self.step)
+                    elapsed = time.time() - started
+                    samples = r.data.batch_size * self.accum_steps * self.engine.world_size * (self.step - start_step)
+                    self.writer.add_scalar("perf/samples_per_s", samples / max(elapsed, 1e-9), self.step)
+                if self.step % r.train.checkpoint_every == 0 or self.step == r.train.max_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            if self.writer is not None:
+                self.writer.flush()
+        return self.saved[1] or self.checkpoints.latest()
 
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         return self.engine.full_state_dict("student")
