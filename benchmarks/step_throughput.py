@@ -103,7 +103,7 @@ def recipe_for(args, world: Path, info: dict):
                  "shuffle_buffer": 16},
         "train": {"max_steps": 10**6, "output_dir": str(world / f"run-{os.getpid()}"),
                   "mixed_precision": args.mixed_precision},
-        "distributed": {"engine": args.engine, "zero_stage": args.zero_stage},
+        "distributed": {"engine": args.engine, "options": {"zero_stage": args.zero_stage} if args.engine == "deepspeed" else {}},
     })
 
 
@@ -139,7 +139,9 @@ def measure(args) -> dict | None:
     flops = counter.get_total_flops()
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if cuda
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    flops_all = engine.all_reduce_mean(torch.tensor([float(flops)], dtype=torch.float64)).item() * engine.world_size
+    from dmm.distributed import all_gather_object
+
+    flops_all = float(sum(all_gather_object(float(flops))))
     if not engine.is_main:
         return None
     per_rank = args.batch * a / seconds

@@ -1,122 +1,150 @@
-"""Recipes: one typed, strictly validated schema for a merge.
+"""Recipes: one typed, self-describing schema for a merge.
 
-A misspelt key is an error naming the key and the closest valid one, never a silent default.
-YAML is read with the safe loader; `--set a.b=value` overrides are parsed the same way.
+Every key is declared once below, with its type (`Literal` for choices), default, bounds, a
+one-line help text and whether it may change when a run resumes. A misspelt key is an error
+naming the closest valid one; a value out of range names the key. Component names (engine,
+teacher format) are checked against the live registries, so user-registered components (loaded
+through `plugins:`) are accepted. YAML is read with the safe loader, `--set a.b=value` overrides
+the same way. Relative input paths in a recipe file resolve against that file's folder; paths
+given with `--set` resolve against the current folder.
+
+    python -m dmm.recipes --explain [SECTION]                  every key: type, default, help
+    python -m dmm.recipes --explain recipes/x.yaml [--set ...]  the resolved recipe and where each value came from
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import typing
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import yaml
 
+from dmm.io import atomic_write_text
+from dmm.schema import ConfigError, KeyDoc, build, document, join, setting
 
-class RecipeError(ValueError):
+
+class RecipeError(ConfigError):
     """A recipe that cannot be used as written; the message says what to change."""
 
 
 @dataclass
 class TeacherSpec:
-    name: str
-    path: str
-    format: str = "auto"  # a registered teacher format: auto, diffusers, single_file, ckpt
-    allow_pickle: bool = False  # `.ckpt` teachers only with explicit opt-in (loaded weights_only)
+    name: str = setting(help="style name of this teacher; the student's style prompt of the same name")
+    path: str = setting(help="diffusers folder or single-file checkpoint of the fine-tuned model", path=True)
+    format: str = setting("auto", help="teacher format (auto detects diffusers folder, .safetensors or .ckpt)",
+                          registry="teacher format")
+    allow_pickle: bool = setting(False, help="load a pickled .ckpt (read with torch.load(weights_only=True))")
+    options: dict[str, Any] = setting(default_factory=dict, help="options of the teacher format (see its entry)")
 
 
 @dataclass
 class ModelConfig:
-    base: str = ""  # the common base: a diffusers pipeline folder (text encoders, VAE, scheduler, UNet)
-    arch: str = "auto"  # auto | sd15 | sdxl
-    teacher_dtype: str = "float32"  # float32 | bfloat16: frozen teachers may run in bf16
+    base: str = setting("", help="the common base: a diffusers pipeline folder (text encoders, VAE, scheduler, "
+                                 "UNet)", path=True)
+    arch: Literal["auto", "sd15", "sdxl"] = setting("auto", help="architecture; auto reads it from the base UNet")
+    teacher_dtype: Literal["float32", "bfloat16"] = setting("float32", help="dtype of the frozen teachers",
+                                                            resumable=True)
 
 
 @dataclass
 class ToyDataConfig:
-    world: str = "assets/toyworld"
-    n_samples: int = 8192
-    seed: int = 0
-    samples_per_shard: int = 1024
+    world: str = setting("assets/toyworld", help="toy world folder (python -m dmm.toyworld.build)", path=True)
+    n_samples: int = setting(8192, help="images rendered into training shards", ge=1)
+    seed: int = setting(0, help="seed of the rendered training set")
+    samples_per_shard: int = setting(1024, help="images per webdataset shard", ge=1)
 
 
 @dataclass
 class DataConfig:
-    shards: list[str] = field(default_factory=list)  # tar paths or brace patterns of (image, caption) pairs
-    toyworld: ToyDataConfig | None = None  # build shards from the toy world instead
-    image_key: str = "png"
-    caption_key: str = "txt"
-    resolution: int = 32
-    batch_size: int = 32  # per process
-    caption_dropout: float = 0.1  # shared by student and teacher (classifier-free guidance)
-    shuffle_buffer: int = 256
-    num_workers: int = 0
+    shards: list[str] = setting(default_factory=list, path=True,
+                                help="webdataset tar shards of (image, caption): paths, brace or glob patterns")
+    toyworld: ToyDataConfig | None = setting(None, toy=True, help="render shards from the toy world instead")
+    image_key: str = setting("png", help="image extension inside the shards")
+    caption_key: str = setting("txt", help="caption extension inside the shards")
+    resolution: int = setting(32, help="training resolution in pixels", ge=8)
+    batch_size: int = setting(32, help="samples per process and micro-step", ge=1)
+    caption_dropout: float = setting(0.1, help="share of captions dropped to '' (CFG), shared by student and "
+                                               "teacher", ge=0.0, lt=1.0)
+    shuffle_buffer: int = setting(256, help="webdataset shuffle buffer (samples)", ge=0)
+    num_workers: int = setting(0, help="data loader worker processes", ge=0, resumable=True)
 
 
 @dataclass
 class LossConfig:
-    lambda_feat: float = 0.001
-    lambda_adv: float = 0.01
-    disc_t_max: int = 1000  # re-noising timesteps for the discriminator's input are drawn below this
+    lambda_feat: float = setting(0.001, help="weight of feature imitation (block outputs)", ge=0.0)
+    lambda_adv: float = setting(0.01, help="weight of the multi-class adversarial loss; 0 drops the "
+                                           "discriminator", ge=0.0)
+    disc_t_max: int = setting(1000, help="re-noising timesteps of the discriminator's input are drawn below this",
+                              ge=1)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
-    disc_lr: float = 1e-5
-    weight_decay: float = 1e-2
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: float = 1.0
-    warmup_steps: int = 0
-    style_lr_multiplier: float = 1.0  # the codebook is new: a larger lr speeds short runs up
+    lr: float = setting(1e-5, help="student learning rate (AdamW)", gt=0.0)
+    disc_lr: float = setting(1e-5, help="discriminator learning rate (AdamW)", gt=0.0)
+    weight_decay: float = setting(1e-2, help="AdamW weight decay", ge=0.0)
+    betas: list[float] = setting(default_factory=lambda: [0.9, 0.999], help="AdamW betas: two values in [0, 1)",
+                                 ge=0.0, lt=1.0)
+    grad_clip: float = setting(1.0, help="gradient-norm clip; 0 turns clipping off", ge=0.0)
+    warmup_steps: int = setting(0, help="linear learning-rate warm-up steps", ge=0)
+    style_lr_multiplier: float = setting(1.0, help="lr factor of the new style codebook and MLP", gt=0.0)
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 100_000
-    output_dir: str = "runs/dmm"
-    seed: int = 0
-    mixed_precision: str = "no"  # no | bf16 (autocast)
-    log_every: int = 10
-    checkpoint_every: int = 1000
-    keep_last: int = 3
-    resume: str | None = None  # None | "latest" | a checkpoint folder
-    gradient_checkpointing: bool = False
+    max_steps: int = setting(100_000, help="optimizer steps of the whole run", ge=1, resumable=True)
+    output_dir: str = setting("runs/dmm", help="run folder (relative to the current folder): checkpoints, "
+                                               "logs, merged model", resumable=True)
+    seed: int = setting(0, help="seed of noise, timesteps and caption dropout")
+    mixed_precision: Literal["no", "bf16"] = setting("no", help="bf16 autocast of the student")
+    log_every: int = setting(10, help="steps between TensorBoard scalars", ge=1, resumable=True)
+    checkpoint_every: int = setting(1000, help="steps between checkpoints", ge=1, resumable=True)
+    keep_last: int = setting(3, help="complete checkpoints kept (the newest is never removed)", ge=1,
+                             resumable=True)
+    resume: str = setting("auto", resumable=True,
+                          help="auto: continue a compatible run in output_dir; never: start fresh (needs an "
+                               "empty run folder); latest; or a checkpoint folder")
+    gradient_checkpointing: bool = setting(False, help="recompute activations in backward (less memory)",
+                                           resumable=True)
 
 
 @dataclass
 class DistributedConfig:
-    engine: str = "none"  # none | deepspeed | fsdp2
-    zero_stage: int = 2
-    offload_optimizer: bool = False
-    grad_accum_steps: int = 1
+    engine: str = setting("none", help="training engine: none (one process), deepspeed, fsdp2, or a registered one",
+                          registry="engine")
+    options: dict[str, Any] = setting(default_factory=dict,
+                                      help="options of the engine, e.g. {zero_stage: 2} (python -m dmm.recipes --explain distributed)")
+    grad_accum_steps: int = setting(1, help="micro-steps per optimizer step", ge=1)
 
 
 @dataclass
 class SampleConfig:
-    """How the demo/summary samples the merged model and the teachers."""
+    """How the demo summary samples the merged model and the teachers (toy world)."""
 
-    n_per_style: int = 64
-    steps: int = 20
-    guidance_scale: float = 3.0
-    seed: int = 1234
-    grid_prompts: int = 8
+    n_per_style: int = setting(64, help="images per style and model", ge=1, resumable=True)
+    steps: int = setting(20, help="sampler steps", ge=1, resumable=True)
+    guidance_scale: float = setting(3.0, help="classifier-free guidance scale", ge=0.0, resumable=True)
+    seed: int = setting(1234, help="first image seed (one seed per image)", resumable=True)
+    grid_prompts: int = setting(8, help="columns of the sample grids", ge=1, resumable=True)
 
 
 @dataclass
 class Recipe:
-    name: str
-    model: ModelConfig
-    teachers: list[TeacherSpec]
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
+    name: str = setting(help="the recipe's name (recorded with the merged model)")
+    model: ModelConfig = setting(help="the base model")
+    teachers: list[TeacherSpec] = setting(help="the fine-tuned models to merge, one style each")
+    plugins: list[str] = setting(default_factory=list, path=True, resumable=True,
+                                 help="modules or .py files imported first; they register engines, formats, ...")
+    data: DataConfig = setting(default_factory=DataConfig, help="training data")
+    loss: LossConfig = setting(default_factory=LossConfig, help="loss weights")
+    optim: OptimConfig = setting(default_factory=OptimConfig, help="optimizers")
+    train: TrainConfig = setting(default_factory=TrainConfig, help="the training loop and the run folder")
+    distributed: DistributedConfig = setting(default_factory=DistributedConfig, help="engine and scale-out")
+    sample: SampleConfig = setting(default_factory=SampleConfig, toy=True, help="the demo summary's sampling")
 
     @property
     def style_names(self) -> list[str]:
@@ -127,129 +155,287 @@ class Recipe:
 
     def save(self, path: str | os.PathLike) -> None:
         """The resolved recipe, written atomically (the run folder's record of what ran)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-CHOICES = {
-    "model.arch": ("auto", "sd15", "sdxl"),
-    "model.teacher_dtype": ("float32", "bfloat16"),
-    "train.mixed_precision": ("no", "bf16"),
-    "distributed.engine": ("none", "deepspeed", "fsdp2"),
+# Keys that moved: an old recipe gets told where the value goes now.
+MOVED = {
+    "distributed.zero_stage": "distributed.options.zero_stage",
+    "distributed.offload_optimizer": "distributed.options.offload_optimizer",
 }
 
 
-def _build(cls, raw, where: str):
-    """Build dataclass `cls` from `raw`, rejecting unknown keys with the closest valid one."""
-    if dataclasses.is_dataclass(cls):
-        if not isinstance(raw, dict):
-            raise RecipeError(f"{where or 'recipe'}: expected a mapping, got {type(raw).__name__}")
-        hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in raw:
-            if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {names}"
-                raise RecipeError(f"unknown recipe key {_join(where, key)!r}{hint}")
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name in raw:
-                kwargs[f.name] = _build(hints[f.name], raw[f.name], _join(where, f.name))
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise RecipeError(f"recipe is missing the required key {_join(where, f.name)!r}")
-        return cls(**kwargs)
-    origin, args = typing.get_origin(cls), typing.get_args(cls)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if raw is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _build(inner[0], raw, where)
-    if origin is list:
-        if not isinstance(raw, list):
-            raise RecipeError(f"{where}: expected a list, got {raw!r}")
-        return [_build(args[0], item, f"{where}[{i}]") for i, item in enumerate(raw)]
-    if cls is float:
-        if isinstance(raw, str):  # PyYAML reads `1e-3` (no dot) as a string: accept what float() accepts
-            try:
-                return float(raw)
-            except ValueError:
-                pass
-        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-            raise RecipeError(f"{where}: expected a number, got {raw!r}")
-        return float(raw)
-    if cls is int:
-        if isinstance(raw, bool) or not isinstance(raw, int):
-            raise RecipeError(f"{where}: expected an integer, got {raw!r}")
-        return raw
-    if cls is bool:
-        if not isinstance(raw, bool):
-            raise RecipeError(f"{where}: expected true or false, got {raw!r}")
-        return raw
-    if cls is str:
-        if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
-            raise RecipeError(f"{where}: expected a string, got {raw!r}")
-        value = str(raw)
-        if where in CHOICES and value not in CHOICES[where]:
-            raise RecipeError(f"{where}: {value!r} is not one of {list(CHOICES[where])}")
-        return value
-    raise RecipeError(f"{where}: unsupported type {cls}")
+def keys() -> list[KeyDoc]:
+    """Every recipe key, documented (what `--explain` prints)."""
+    return document(Recipe)
 
 
-def _join(where: str, key) -> str:
-    return f"{where}.{key}" if where else str(key)
+def resumable_keys() -> list[str]:
+    """Dotted keys (list items as `teachers[].x`) that may change between a run and its resumption."""
+    return [doc.key for doc in keys() if doc.resumable]
 
 
-def apply_override(raw: dict, assignment: str) -> None:
-    """`train.max_steps=10` -> raw["train"]["max_steps"] = 10 (value parsed as YAML)."""
+def is_resumable(key: str) -> bool:
+    """`key` as flattened from a saved recipe (`teachers[0].path`, `data.toyworld.seed`, `plugins[1]`)."""
+    import re
+
+    generic = re.sub(r"\[\d+\]", "[]", key)
+    allowed = set(resumable_keys())
+    parts = generic.split(".")
+    return any(".".join(parts[:i]).removesuffix("[]") in allowed or ".".join(parts[:i]) in allowed
+               for i in range(1, len(parts) + 1))
+
+
+def _flatten_sources(raw, source: str, prefix: str = "") -> dict[str, str]:
+    out = {}
+    if isinstance(raw, dict):
+        for k, v in raw.items():
+            out.update(_flatten_sources(v, source, join(prefix, k)))
+    elif isinstance(raw, list) and any(isinstance(v, dict) for v in raw):
+        for i, v in enumerate(raw):
+            out.update(_flatten_sources(v, source, f"{prefix}[{i}]"))
+    else:
+        out[prefix] = source
+    return out
+
+
+def _check_moved(raw: dict) -> None:
+    for old, new in MOVED.items():
+        section, key = old.split(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raise RecipeError(f"{old} moved to {new}: write `{section}: {{options: {{{key}: ...}}}}`")
+
+
+def apply_override(raw: dict, assignment: str) -> str:
+    """`train.max_steps=10` -> raw["train"]["max_steps"] = 10 (value parsed as safe YAML); returns the key."""
     if "=" not in assignment:
         raise RecipeError(f"--set expects dotted.key=value, got {assignment!r}")
     key, value = assignment.split("=", 1)
-    parts = key.strip().split(".")
+    key = key.strip()
+    parts = key.split(".")
+    if not all(parts):
+        raise RecipeError(f"--set {assignment!r}: empty key part in {key!r}")
     node = raw
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise RecipeError(f"--set {key}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        reason = str(err).splitlines()[0]
+        raise RecipeError(f"--set {key}: the value {value!r} is not valid safe YAML ({reason})") from None
+    return key
 
 
-def parse_recipe(raw: dict) -> Recipe:
-    recipe = _build(Recipe, raw, "")
+def _resolve_paths(obj, raw_sources: dict[str, str], base: Path | None, prefix: str = "") -> None:
+    """Make the relative input paths of a built recipe absolute: against `base` (the recipe file's
+    folder) when the file gave them, against the current folder when --set did."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = join(prefix, f.name)
+        if dataclasses.is_dataclass(value):
+            _resolve_paths(value, raw_sources, base, key)
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                _resolve_paths(item, raw_sources, base, f"{key}[{i}]")
+        elif f.metadata.get("path") and value:
+            root = Path.cwd() if raw_sources.get(key) == "--set" or base is None else base
+            if isinstance(value, list):
+                setattr(obj, f.name, [_absolute(p, root, key) for p in value])
+            else:
+                setattr(obj, f.name, _absolute(value, root, key))
+
+
+def _absolute(p: str, root: Path, key: str) -> str:
+    """A plugin is a module name unless it is a .py file; every other path key holds paths."""
+    if os.path.isabs(p) or (key == "plugins" and not p.endswith(".py")):
+        return p
+    return os.path.normpath(root / p)
+
+
+def parse_recipe(raw, *, base: str | os.PathLike | None = None, sources: dict[str, str] | None = None) -> Recipe:
+    """Build and check a recipe from a parsed mapping. `base`: the folder relative paths resolve against."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"a recipe is a mapping of sections (name, model, teachers, ...), got "
+                          f"{type(raw).__name__}")
+    _check_moved(raw)
+    try:
+        recipe = build(Recipe, raw, "")
+    except RecipeError:
+        raise
+    except ConfigError as err:
+        raise RecipeError(str(err)) from None
+    _resolve_paths(recipe, sources or {}, Path(base) if base is not None else None)
     validate(recipe)
     return recipe
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> Recipe:
+def read_recipe(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> tuple[dict, dict[str, str]]:
+    """The raw mapping of a recipe file with overrides applied, and each key's source (file or --set)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
+        reason = " ".join(str(err).split())
+        raise RecipeError(f"recipe {path} is not valid YAML: {reason}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path}: the top level must be a mapping of sections (name, model, teachers, "
+                          f"...), got {type(raw).__name__}")
+    sources = _flatten_sources(raw, "file")
     for assignment in overrides:
-        apply_override(raw, assignment)
-    return parse_recipe(raw)
+        key = apply_override(raw, assignment)
+        sources = {k: v for k, v in sources.items() if not (k == key or k.startswith(key + ".")
+                                                            or k.startswith(key + "["))}
+        sources.update({k if k else key: "--set" for k in _flatten_sources(
+            _get(raw, key.split(".")), "--set", key)})
+    return raw, sources
+
+
+def _get(raw: dict, parts: list[str]):
+    for p in parts:
+        raw = raw[p]
+    return raw
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> Recipe:
+    raw, sources = read_recipe(path, overrides)
+    return parse_recipe(raw, base=Path(path).resolve().parent, sources=sources)
+
+
+def _check_component(kind: str, name: str, options: dict | None, where: str):
+    from dmm.registry import RegistryError, get_registry
+
+    try:
+        entry = get_registry(kind).get(name)
+    except RegistryError as err:
+        raise RecipeError(f"{where}: {err}") from None
+    if options is not None:
+        try:
+            entry.parse_options(options, where.rsplit(".", 1)[0] + ".options")
+        except ConfigError as err:
+            raise RecipeError(str(err)) from None
 
 
 def validate(recipe: Recipe) -> None:
+    """Checks across keys, and names against the live registries (after importing `plugins`)."""
+    from dmm.registry import load_plugin
+
+    for spec in recipe.plugins:
+        try:
+            load_plugin(spec)
+        except ConfigError as err:
+            raise RecipeError(str(err)) from None
     if not recipe.teachers:
         raise RecipeError("the recipe lists no teachers: add at least one under `teachers:`")
     names = recipe.style_names
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise RecipeError(f"teacher names must be unique; repeated: {dupes}")
+    for i, t in enumerate(recipe.teachers):
+        if not t.name.strip():
+            raise RecipeError(f"teachers[{i}].name is empty: give every teacher a style name")
+        if t.format != "auto" or t.options:
+            _check_component("teacher format", t.format, t.options, f"teachers[{i}].format") \
+                if t.format != "auto" else None
     if not recipe.model.base:
         raise RecipeError("model.base is empty: point it at the common base model's diffusers folder")
     if not recipe.data.shards and recipe.data.toyworld is None:
         raise RecipeError("data: give `shards` (webdataset tar files) or a `toyworld` section")
-    if not 0.0 <= recipe.data.caption_dropout < 1.0:
-        raise RecipeError(f"data.caption_dropout must lie in [0, 1), got {recipe.data.caption_dropout}")
-    for key in ("max_steps", "log_every", "checkpoint_every", "keep_last"):
-        if getattr(recipe.train, key) < 1:
-            raise RecipeError(f"train.{key} must be at least 1, got {getattr(recipe.train, key)}")
-    if recipe.data.batch_size < 1:
-        raise RecipeError(f"data.batch_size must be at least 1, got {recipe.data.batch_size}")
+    if len(recipe.optim.betas) != 2:
+        raise RecipeError(f"optim.betas must be two values in [0, 1), got {recipe.optim.betas}")
+    out = Path(recipe.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"train.output_dir {out} is an existing file; choose a folder")
+    _check_component("engine", recipe.distributed.engine, recipe.distributed.options, "distributed.engine")
+
+
+# ----------------------------------------------------------------------------- explain
+def explain_keys(section: str = "") -> str:
+    """Every key (of `section`), with type, default, bounds, help and whether it may change on resume."""
+    docs = [d for d in keys() if not section or d.key == section or d.key.startswith(section + ".")
+            or d.key.startswith(section + "[")]
+    if not docs:
+        sections = sorted({d.key.split(".")[0].split("[")[0] for d in keys()})
+        raise RecipeError(f"no recipe section or key {section!r}; sections: {sections}")
+    lines = []
+    for d in docs:
+        if d.type == "section" or d.type.startswith("list[section"):
+            lines.append(f"\n{d.key}:  {d.help}" + ("  [toy world only]" if d.toy else ""))
+            continue
+        extra = [f"default {d.default!r}"]
+        if d.bounds:
+            extra.append(d.bounds)
+        if d.registry:
+            extra.append(f"a registered {d.registry}")
+        extra.append("may change on resume" if d.resumable else "fixed once a run started")
+        if d.toy:
+            extra.append("toy world only")
+        lines.append(f"  {d.key}  ({d.type}; {'; '.join(extra)})\n      {d.help}")
+    return "\n".join(lines).lstrip("\n")
+
+
+def explain_recipe(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> str:
+    """The resolved recipe, one key per line, with where each value came from."""
+    raw, sources = read_recipe(path, overrides)
+    recipe = parse_recipe(raw, base=Path(path).resolve().parent, sources=sources)
+    flat = _flatten_sources(recipe.to_dict(), "")
+    values = _flat_values(recipe.to_dict())
+    width = max(len(k) for k in flat)
+    lines = [f"# {path}: resolved recipe (source: default | file | --set)"]
+    for key in flat:
+        lines.append(f"{key:{width}s} = {values[key]!r:40s}  # {sources.get(key, 'default')}")
+    return "\n".join(lines)
+
+
+def _flat_values(d, prefix: str = "") -> dict:
+    out = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flat_values(v, join(prefix, k)))
+    elif isinstance(d, list) and any(isinstance(v, dict) for v in d):
+        for i, v in enumerate(d):
+            out.update(_flat_values(v, f"{prefix}[{i}]"))
+    else:
+        out[prefix] = d
+    return out
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m dmm.recipes", description="Explain recipe keys or a recipe.")
+    parser.add_argument("--explain", nargs="?", const="", default=None, metavar="SECTION|RECIPE.yaml",
+                        help="no argument: every key; a section (e.g. optim); or a recipe file to resolve")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    if args.explain is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.explain.endswith((".yaml", ".yml")) or Path(args.explain).is_file():
+            print(explain_recipe(args.explain, args.overrides))
+        else:
+            print(explain_keys(args.explain))
+            if args.explain in ("", "distributed"):
+                from dmm.registry import get_registry
+
+                print("\nengines (distributed.engine, options under distributed.options):")
+                print(get_registry("engine").describe())
+            if args.explain in ("", "teachers"):
+                from dmm.registry import get_registry
+
+                print("\nteacher formats (teachers[].format, options under teachers[].options):")
+                print(get_registry("teacher format").describe())
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -57,11 +57,11 @@ _BY_KIND: dict[str, Registry] = {}
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, *, builtins: str | None = None):
+    def __init__(self, kind: str, *, builtins: str | tuple[str, ...] | None = None):
         if kind in _BY_KIND:
             raise RegistryError(f"a registry of kind {kind!r} already exists")
         self.kind = kind
-        self._builtins = builtins
+        self._builtins = (builtins,) if isinstance(builtins, str) else builtins
         self._entries: dict[str, Entry[T]] = {}
         _BY_KIND[kind] = self
 
@@ -92,8 +92,9 @@ class Registry(Generic[T]):
 
     def _load_builtins(self) -> None:
         if self._builtins is not None:
-            module, self._builtins = self._builtins, None
-            importlib.import_module(module)
+            modules, self._builtins = self._builtins, None
+            for module in modules:
+                importlib.import_module(module)
 
     def get(self, name: str) -> Entry[T]:
         self._load_builtins()
@@ -122,6 +123,7 @@ class Registry(Generic[T]):
 PROVIDERS = {
     "engine": "dmm.engines",
     "teacher format": "dmm.teachers.formats",
+    "data source": "dmm.data.sources",
     "toy style": "dmm.toyworld.styles",
 }
 

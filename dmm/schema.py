@@ -24,15 +24,16 @@ class ConfigError(ValueError):
 
 def setting(default: Any = MISSING, *, help: str, default_factory: Any = MISSING, ge: float | None = None,
             gt: float | None = None, le: float | None = None, lt: float | None = None,
-            resumable: bool = False, registry: str | None = None, toy: bool = False) -> Any:
+            resumable: bool = False, registry: str | None = None, toy: bool = False, path: bool = False) -> Any:
     """A dataclass field that documents and bounds itself.
 
     `resumable`: the key may differ between a run and its resumption without changing what is
     trained. `registry`: the value names an entry of that registry kind (checked live, so a
-    user-registered entry is accepted). `toy`: the key only concerns the toy world.
+    user-registered entry is accepted). `toy`: the key only concerns the toy world. `path`: an
+    input path, resolved against the folder of the file that gave it.
     """
     meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "resumable": resumable,
-            "registry": registry, "toy": toy}
+            "registry": registry, "toy": toy, "path": path}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

@@ -9,12 +9,17 @@ and the base model's frozen parts never go through an engine.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-MODELS = ("student", "disc")
+from dmm.registry import Registry
+
+# Engines register themselves here (one file each); `distributed.engine` names one, and its
+# typed options come from `distributed.options`.
+ENGINES: Registry[type[Engine]] = Registry("engine", builtins="dmm.engines")
 
 
 class Engine(ABC):
@@ -50,13 +55,24 @@ class Engine(ABC):
     def full_state_dict(self, which: str) -> dict[str, torch.Tensor]:
         """The unsharded weights of a trained model (complete on the main rank)."""
 
+    @classmethod
+    @abstractmethod
+    def holds_checkpoint(cls, folder: Path, which: str) -> bool:
+        """Whether `folder` holds this engine's checkpoint of model `which`."""
+
+    @classmethod
+    @abstractmethod
+    def consolidate(cls, folder: Path, which: str,
+                    template: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The full fp32 weights of `which` from this engine's checkpoint folder, in one process
+        without a process group (export after training). `template` builds a state dict of the
+        right keys and shapes, for formats that need one."""
+
     def barrier(self) -> None:
         pass
 
-    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
-        return value
-
     def broadcast_object(self, obj):
+        """Rank 0's `obj` on every rank (a decision made once, e.g. which checkpoint to resume)."""
         return obj
 
 

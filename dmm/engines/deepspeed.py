@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -20,25 +22,32 @@ import torch.distributed as dist
 from dmm.distributed import init_process_group
 from dmm.distributed.collective import ProcessGroupCollectives
 from dmm.distributed.env import device_for
-from dmm.engines import register_engine
-from dmm.engines.base import Engine
+from dmm.engines.base import ENGINES, Engine
+from dmm.schema import ConfigError, setting
 
 log = logging.getLogger("dmm.engines.deepspeed")
 
 
-def ds_config(recipe, batch_size: int) -> dict:
+@dataclass(frozen=True)
+class DeepSpeedOptions:
+    zero_stage: Literal[0, 1, 2, 3] = setting(2, help="ZeRO stage: 1 shards optimizer state, 2 also gradients, "
+                                                      "3 also parameters")
+    offload_optimizer: bool = setting(False, help="keep optimizer state on the CPU (needs zero_stage >= 1)")
+
+    def __post_init__(self):
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("distributed.options.offload_optimizer needs distributed.options.zero_stage >= 1")
+
+
+def ds_config(recipe, options: DeepSpeedOptions, batch_size: int) -> dict:
     d = recipe.distributed
-    if d.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"distributed.zero_stage must be 0, 1, 2 or 3, got {d.zero_stage}")
-    zero: dict = {"stage": d.zero_stage}
+    zero: dict = {"stage": options.zero_stage}
     zero_force = True
-    if d.offload_optimizer:
-        if d.zero_stage == 0:
-            raise ValueError("distributed.offload_optimizer needs distributed.zero_stage >= 1")
+    if options.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         # The trainer's torch AdamW runs on the offloaded fp32 partitions (no DeepSpeedCPUAdam to build).
         zero_force = False
-    if d.zero_stage == 3:
+    if options.zero_stage == 3:
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
     config = {
         "train_micro_batch_size_per_gpu": batch_size,
@@ -99,10 +108,12 @@ class FrozenAwareCall(torch.nn.Module):
         return self._frozen_replica()(*args, **kwargs)
 
 
+@ENGINES.register("deepspeed", description="DeepSpeed ZeRO 0-3 over student and discriminator, optional "
+                  "optimizer offload", options=DeepSpeedOptions)
 class DeepSpeedEngine(ProcessGroupCollectives, Engine):
     name = "deepspeed"
 
-    def __init__(self, recipe):
+    def __init__(self, recipe, options: DeepSpeedOptions | None = None):
         os.environ.setdefault("DS_BUILD_OPS", "0")
         info = init_process_group()
         import deepspeed
@@ -113,9 +124,10 @@ class DeepSpeedEngine(ProcessGroupCollectives, Engine):
                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29511")})
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
         self.recipe = recipe
+        self.options = options or DeepSpeedOptions()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = device_for(info)
-        self.stage = recipe.distributed.zero_stage
+        self.stage = self.options.zero_stage
         self.accum = recipe.distributed.grad_accum_steps
         self.engines: dict = {}
         self._pending: dict[str, int] = {}
@@ -124,7 +136,7 @@ class DeepSpeedEngine(ProcessGroupCollectives, Engine):
     def prepare(self, models, optimizers, schedulers):
         out = {}
         for which, model in models.items():
-            config = ds_config(self.recipe, self.recipe.data.batch_size)
+            config = ds_config(self.recipe, self.options, self.recipe.data.batch_size)
             if which == "disc" and self.stage == 3:
                 # The discriminator is called frozen inside the student's loss (see FrozenAwareCall),
                 # which needs its parameters whole on every rank: ZeRO-2 (sharded grads and optimizer).
@@ -199,12 +211,14 @@ class DeepSpeedEngine(ProcessGroupCollectives, Engine):
         return out
 
 
-def consolidate(folder: Path, which: str = "student") -> dict[str, torch.Tensor]:
-    """The full fp32 weights from a DeepSpeed checkpoint folder, in one process, no GPU needed."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    @classmethod
+    def holds_checkpoint(cls, folder: Path, which: str) -> bool:
+        return (folder / which).is_dir() and any((folder / which).glob("*model_states.pt"))
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=which)
-    return {k: v.float().contiguous() for k, v in state.items()}
+    @classmethod
+    def consolidate(cls, folder: Path, which: str, template=None) -> dict[str, torch.Tensor]:
+        """DeepSpeed's own zero_to_fp32, in one process, no GPU needed."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-
-register_engine("deepspeed", DeepSpeedEngine)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=which)
+        return {k: v.float().contiguous() for k, v in state.items()}

@@ -24,8 +24,7 @@ from torch.distributed.tensor import DTensor
 from dmm.distributed import init_process_group
 from dmm.distributed.collective import ProcessGroupCollectives
 from dmm.distributed.env import device_for
-from dmm.engines import register_engine
-from dmm.engines.base import Engine, clip_and_step
+from dmm.engines.base import ENGINES, Engine, clip_and_step
 from dmm.io import atomic_torch_save
 
 
@@ -51,10 +50,12 @@ def _rebuild_optimizer(old: torch.optim.Optimizer, names_before: dict[int, str],
         return type(old)(groups)
 
 
+@ENGINES.register("fsdp2", description="PyTorch FSDP2: fully_shard per UNet block, root last, "
+                  "torch.distributed.checkpoint")
 class FSDP2Engine(ProcessGroupCollectives, Engine):
     name = "fsdp2"
 
-    def __init__(self, recipe):
+    def __init__(self, recipe, options=None):
         info = init_process_group()
         if not dist.is_initialized():
             raise ValueError("distributed.engine fsdp2 needs a process group: launch with torchrun, the "
@@ -128,6 +129,17 @@ class FSDP2Engine(ProcessGroupCollectives, Engine):
             local += p.to_local().numel() if isinstance(p, DTensor) else p.numel()
         return local, total
 
+    @classmethod
+    def holds_checkpoint(cls, folder: Path, which: str) -> bool:
+        return (folder / which / ".metadata").is_file()
+
+    @classmethod
+    def consolidate(cls, folder: Path, which: str, template) -> dict[str, torch.Tensor]:
+        """The weights of a torch.distributed.checkpoint folder, loaded into a template's shapes."""
+        state = {"model": {k: torch.empty_like(v, dtype=torch.float32) for k, v in template().items()}}
+        dcp.load(state, checkpoint_id=str(Path(folder) / which), no_dist=True)
+        return state["model"]
+
     def full_grads(self, which: str) -> dict[str, torch.Tensor]:
         out = {}
         for name, p in self.models[which].named_parameters():
@@ -135,16 +147,3 @@ class FSDP2Engine(ProcessGroupCollectives, Engine):
                 g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
                 out[name] = g.detach().float().cpu().clone()
         return out
-
-
-def consolidate(folder: Path, which: str = "student", template: dict[str, torch.Tensor] | None = None):
-    """The full weights from a torch.distributed.checkpoint folder, in one process without a group.
-    `template`: a state dict of the right keys and shapes (e.g. a freshly built student's)."""
-    if template is None:
-        raise ValueError("consolidating a DCP checkpoint needs a template state dict")
-    state = {"model": {k: torch.empty_like(v, dtype=torch.float32) for k, v in template.items()}}
-    dcp.load(state, checkpoint_id=str(Path(folder) / which), no_dist=True)
-    return state["model"]
-
-
-register_engine("fsdp2", FSDP2Engine)

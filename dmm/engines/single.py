@@ -8,14 +8,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dmm.engines.base import Engine, clip_and_step
+from dmm.engines.base import ENGINES, Engine, clip_and_step
 from dmm.io import atomic_torch_save
 
 
+@ENGINES.register("none", description="one process, plain PyTorch (CUDA when present): the reference engine")
 class SingleProcessEngine(Engine):
     name = "none"
 
-    def __init__(self, recipe=None):
+    def __init__(self, recipe=None, options=None):
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
 
@@ -45,3 +46,11 @@ class SingleProcessEngine(Engine):
     def full_state_dict(self, which: str) -> dict[str, torch.Tensor]:
         model: nn.Module = self.models[which]
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @classmethod
+    def holds_checkpoint(cls, folder: Path, which: str) -> bool:
+        return (folder / f"{which}.safetensors").is_file()
+
+    @classmethod
+    def consolidate(cls, folder: Path, which: str, template=None) -> dict[str, torch.Tensor]:
+        return load_file(str(folder / f"{which}.safetensors"))

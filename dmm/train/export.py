@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
-from safetensors.torch import load_file
 
 from dmm.io import atomic_write_json, replace_dir
 from dmm.models.student import StyleUNet2DConditionModel
@@ -46,23 +45,13 @@ def export_merged(student: StyleUNet2DConditionModel, base: str | Path, out: str
 
 
 def checkpoint_student_state(checkpoint: Path, recipe: dict) -> dict[str, torch.Tensor]:
-    """The full student weights of any engine's checkpoint, consolidated in this one process:
-    `student.safetensors` (engine none), a DeepSpeed tag folder, or a torch.distributed.checkpoint folder."""
-    weights = checkpoint / "student.safetensors"
-    if weights.is_file():
-        return load_file(str(weights))
-    if (checkpoint / "student" / ".metadata").is_file():
-        from dmm.engines.fsdp2 import consolidate
+    """The full student weights of any engine's checkpoint, consolidated in this one process by
+    the engine whose format the folder holds."""
+    from dmm.engines import engine_holding
 
-        names = [t["name"] for t in recipe["teachers"]]
-        template = build_student(recipe["model"]["base"], names, None).state_dict()
-        return consolidate(checkpoint, "student", template)
-    if (checkpoint / "student").is_dir() and any((checkpoint / "student").glob("*model_states.pt")):
-        from dmm.engines.deepspeed import consolidate
-
-        return consolidate(checkpoint, "student")
-    raise FileNotFoundError(f"{checkpoint} holds no student weights (student.safetensors, a DeepSpeed or a "
-                            "torch.distributed.checkpoint folder named student)")
+    names = [t["name"] for t in recipe["teachers"]]
+    return engine_holding(checkpoint, "student").consolidate(
+        checkpoint, "student", lambda: build_student(recipe["model"]["base"], names, None).state_dict())
 
 
 def export_from_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:

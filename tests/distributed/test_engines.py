@@ -21,7 +21,7 @@ pytest.importorskip("deepspeed")
 
 ENGINES = {
     # ZeRO-3 shards the student's parameters; the props run checks it.
-    "deepspeed": {"engine": "deepspeed", "zero_stage": 3},
+    "deepspeed": {"engine": "deepspeed", "options": {"zero_stage": 3}},
     "fsdp2": {"engine": "fsdp2"},
 }
 
@@ -76,7 +76,7 @@ def _log(out: Path, rank: int = 0) -> dict[int, dict]:
 RESUME = {
     # ZeRO-2 (resumed under the deepspeed launcher); FSDP2 under torchrun with 4 teachers on 2 ranks rotating
     # through 2 gradient-accumulation micro-steps.
-    "deepspeed": ({"engine": "deepspeed", "zero_stage": 2}, 2, "deepspeed"),
+    "deepspeed": ({"engine": "deepspeed", "options": {"zero_stage": 2}}, 2, "deepspeed"),
     "fsdp2": ({"engine": "fsdp2", "grad_accum_steps": 2}, 4, "torchrun"),
 }
 
