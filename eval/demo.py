@@ -11,17 +11,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from dmm.recipes import Recipe
+from dmm.sampling import consecutive_seeds
+from eval.features import ToyWorldFeatures
+from eval.fid import fid_matrix
+from eval.generate import GenerationCache, SamplingConfig, generate_sets
+from eval.metrics import style_accuracy
+from eval.plan import paired_sets
+from eval.report import image_grid, write_json
 
 
 def summarise(recipe: Recipe, merged: str | Path, cache_root: str | Path = ".cache/samples",
               out: str | Path | None = None) -> dict:
-    from eval.fid import fid_matrix
-    from eval.generate import GenerationCache, ImageSet, SamplingConfig
-    from eval.report import image_grid, write_json
-
+    """Sample, score and print the demo table (`format_summary`); also writes summary.json and grids."""
     from dmm.toyworld import load_world
 
     if recipe.data.toyworld is None:
@@ -32,37 +34,26 @@ def summarise(recipe: Recipe, merged: str | Path, cache_root: str | Path = ".cac
     names = recipe.style_names
     s = recipe.sample
     prompts = world.prompts(s.n_per_style, seed=s.seed)
-    seeds = [s.seed + k for k in range(len(prompts))]
+    seeds = consecutive_seeds(s.seed, len(prompts))
     sampling = SamplingConfig(steps=s.steps, guidance_scale=s.guidance_scale, negative_prompt="",
                               scheduler="pipeline", batch_size=64)
     cache = GenerationCache(cache_root, sampling)
     out = Path(out or Path(recipe.train.output_dir) / "summary")
     out.mkdir(parents=True, exist_ok=True)
 
-    from tqdm.auto import tqdm
+    teachers = {name: recipe.teachers[i].path for i, name in enumerate(names)}
+    merged_sets, teacher_sets = paired_sets(str(merged), teachers, names, list(prompts), seeds)
+    paths = generate_sets(cache, merged_sets + teacher_sets, desc="sampling merged + teachers")
+    extractor = ToyWorldFeatures(world, str(recipe.data.toyworld.world))
+    feats = {x.label: cache.features(x, paths[x.label], extractor) for x in merged_sets + teacher_sets}
+    m = fid_matrix([feats[x.label] for x in merged_sets], [feats[x.label] for x in teacher_sets])
+    acc = style_accuracy(world, merged_sets + teacher_sets, names + names, paths, cache.load_images)
 
-    sets = {}
-    for i, name in enumerate(names):
-        sets[("teacher", name)] = ImageSet(f"teacher/{name}", recipe.teachers[i].path, "teacher", None, prompts, seeds)
-        sets[("merged", name)] = ImageSet(f"merged/{name}", str(merged), "merged", name, prompts, seeds)
-    images, feats, style_acc = {}, {}, {}
-    classifier = world.classifier
-    for key, image_set in tqdm(sets.items(), desc="sampling merged + teachers", unit="set"):
-        paths = cache.ensure(image_set)
-        pixels = cache.load_images(paths)
-        with torch.no_grad():
-            feats[key] = classifier.features(pixels).double()
-            predicted = classifier.predict(pixels)["style"]
-        images[key] = paths
-        target = classifier.config.heads["style"].index(key[1])
-        style_acc[key] = float((predicted == target).float().mean())
-
-    m = fid_matrix([feats[("merged", n)] for n in names], [feats[("teacher", n)] for n in names])
     rows = []
     for i, name in enumerate(names):
         others = [(m[i, j], names[j]) for j in range(len(names)) if j != i]
         nearest_other = min(others) if others else (float("nan"), "-")
-        acc_m, acc_t = style_acc[("merged", name)], style_acc[("teacher", name)]
+        acc_m, acc_t = acc[f"merged/{name}"], acc[f"teacher/{name}"]
         rows.append({
             "style": name,
             "fid_own_teacher": float(m[i, i]),
@@ -74,12 +65,13 @@ def summarise(recipe: Recipe, merged: str | Path, cache_root: str | Path = ".cac
             "style_acc_ratio": acc_m / acc_t if acc_t > 0 else float("nan"),
         })
     n_grid = min(s.grid_prompts, len(prompts))
+    images = {x.label: paths[x.label] for x in merged_sets + teacher_sets}
     grids = {}
     for name in names:
-        grids[name] = str(image_grid([images[("merged", name)][:n_grid], images[("teacher", name)][:n_grid]],
+        grids[name] = str(image_grid([images[f"merged/{name}"][:n_grid], images[f"teacher/{name}"][:n_grid]],
                                      [f"merged/{name}", f"teacher/{name}"], out / f"grid_{name}.png",
                                      title=f"style {name}: merged (top) vs teacher (bottom)"))
-    overview = [images[("teacher", n)][:n_grid] for n in names] + [images[("merged", n)][:n_grid] for n in names]
+    overview = [images[f"teacher/{n}"][:n_grid] for n in names] + [images[f"merged/{n}"][:n_grid] for n in names]
     labels = [f"teacher/{n}" for n in names] + [f"merged/{n}" for n in names]
     grids["overview"] = str(image_grid(overview, labels, out / "grid_overview.png",
                                        col_labels=[p[:14] for p in prompts[:n_grid]]))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from dmm.io import atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
+from dmm.sampling import sample_images
 
 __all__ = [
     "NEGATIVE_PROMPT",
@@ -35,6 +36,7 @@ __all__ = [
     "atomic_write_text",
     "check_merged_folder",
     "check_pipeline_folder",
+    "generate_sets",
     "load_merged_pipeline",
     "load_prompts",
     "load_teacher_pipeline",
@@ -317,17 +319,10 @@ class GenerationCache:
         pipe = self.pipeline(s)
         if s.kind == "merged":
             pipe.unet.set_style(s.style)
-        gens = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
-        kwargs = dict(prompt=prompts, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-                      generator=gens, output_type="np")
-        if cfg.negative_prompt and cfg.guidance_scale > 1:
-            kwargs["negative_prompt"] = [cfg.negative_prompt] * len(prompts)
-        if cfg.height:
-            kwargs["height"] = cfg.height
-        if cfg.width:
-            kwargs["width"] = cfg.width
-        with torch.no_grad():
-            out = pipe(**kwargs).images
+        size = {k: v for k, v in (("height", cfg.height), ("width", cfg.width)) if v}
+        out = sample_images(pipe, prompts, seeds, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                            negative_prompt=cfg.negative_prompt if cfg.negative_prompt and cfg.guidance_scale > 1
+                            else None, batch_size=len(prompts), output_type="np", **size)
         arr = np.asarray(out, dtype=np.float32)
         if not np.isfinite(arr).all():  # never cache garbage as a valid image
             raise FloatingPointError(
@@ -373,3 +368,33 @@ class GenerationCache:
                      features=np.stack([have[k] for k in keys]).astype(np.float64))
             atomic_write_bytes(cache, buf.getvalue())
         return torch.from_numpy(np.stack([have[n] for n in names]).astype(np.float64))
+
+
+# --------------------------------------------------------------------------- the generate step
+class ProgressBars:
+    """``progress(label, done, total)`` for :class:`GenerationCache`: one tqdm bar per image set."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._bars = {}
+
+    def __call__(self, label: str, done: int, total: int):
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        bar = self._bars.get(label)
+        if bar is None:
+            bar = self._bars[label] = tqdm(total=total, desc=f"generate {label}", unit="img", leave=False)
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+
+def generate_sets(cache: GenerationCache, sets: Sequence[ImageSet], progress: bool = True,
+                  desc: str = "image sets") -> dict[str, list[Path]]:
+    """Every set's image paths by label, generating only the images the cache does not hold."""
+    from tqdm.auto import tqdm
+
+    return {s.label: cache.ensure(s) for s in tqdm(sets, desc=desc, unit="set", disable=not progress)}

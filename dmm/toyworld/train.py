@@ -219,12 +219,16 @@ def allreduce_mean_grads(params: list[torch.nn.Parameter]) -> None:
 @torch.no_grad()
 def generate(pipe, captions: list[str], seed: int, steps: int = 20, guidance: float = 3.0,
              batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-    """Samples of a stock pipeline for `captions`: float [N,3,H,W] in [0,1], deterministic from seed."""
+    """Samples of a stock pipeline for `captions`: float [N,3,H,W] in [0,1], deterministic from seed.
+
+    Image k's seed is drawn from `seed` (numpy SeedSequence), not `seed + k`, so two sets whose seeds
+    are close (the builder's eval and train sets) never share noise; batch size changes nothing."""
+    from dmm.sampling import sample_images
+
     pipe.set_progress_bar_config(disable=True)
-    out = []
-    for i in tqdm(range(0, len(captions), batch_size), desc="sample", disable=not progress):
-        gen = torch.Generator().manual_seed(seed + i)
-        res = pipe(prompt=captions[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
-                   generator=gen, output_type="pt")
-        out.append(res.images.float().clamp(0, 1))
-    return torch.cat(out)
+    seeds = np.random.SeedSequence(seed).generate_state(len(captions)).tolist()
+    bar = tqdm(total=len(captions), desc="sample", disable=not progress)
+    images = sample_images(pipe, captions, seeds, steps=steps, guidance_scale=guidance, batch_size=batch_size,
+                           output_type="pt", on_batch=lambda done, total: bar.update(done - bar.n))
+    bar.close()
+    return images.float().clamp(0, 1)

@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dmm.conditioning import Conditioning, FrozenPipeline, drop_captions
-from dmm.data import ShardStream, expand_urls
+from dmm.data import ShardStream
+from dmm.data.sources import source_name, writes_files
 from dmm.distributed import agree
 from dmm.diffusion import add_noise, convert_prediction, predict_x0
 from dmm.engines import Engine, make_engine
@@ -27,6 +28,7 @@ from dmm.models.discriminator import MultiClassDiscriminator
 from dmm.models.features import BlockFeatures
 from dmm.models.student import StyleUNet2DConditionModel
 from dmm.recipes import Recipe
+from dmm.registry import get_registry
 from dmm.teachers import check_teacher_paths, load_teacher
 from dmm.train.checkpoint import CheckpointManager, recipe_differences, set_rng_state
 from dmm.train.layout import TeacherLayout
@@ -42,54 +44,76 @@ class StopRequested(Exception):
     """Raised out of `fit` after a checkpoint was written because a stop (preemption) was asked for."""
 
 
-def training_shards(recipe: Recipe) -> list[str]:
-    if recipe.data.toyworld is not None:
-        from dmm.toyworld import load_world
-
-        toy = recipe.data.toyworld
-        out = Path(recipe.train.output_dir).parent / ".shards" / f"toy-{toy.n_samples}-{toy.seed}"
-        return [str(p) for p in load_world(toy.world).write_shards(out, toy.n_samples, seed=toy.seed,
-                                                                   samples_per_shard=toy.samples_per_shard)]
-    return expand_urls(recipe.data.shards)
+def training_shards(recipe: Recipe, cache_root: Path) -> list[str]:
+    """The shard list of the recipe's data source (a registered one: shards, toyworld, ...)."""
+    return get_registry("data source").get(source_name(recipe.data)).obj(recipe.data, cache_root)
 
 
 class DistillationTrainer:
+    """The training loop's state: models, optimizers, data and engine, each made by a named builder."""
+
     def __init__(self, recipe: Recipe, engine: Engine | None = None, stop_flag=None):
         self.recipe = recipe
         self.engine = engine or make_engine(recipe.distributed.engine, recipe)
         self.stop_flag = stop_flag  # callable -> bool, checked at step boundaries (preemption)
         self.out = Path(recipe.train.output_dir)
-        names = recipe.style_names
-        self.num_styles = len(names)
-        # Refuse impossible layouts and missing files before loading any model.
-        self.accum_steps = recipe.distributed.grad_accum_steps
+        self.num_styles = len(recipe.style_names)
+        self.device = self.engine.device
+        self._build_layout()  # refuses impossible layouts and missing files before loading any model
+        torch.manual_seed(recipe.train.seed)
+        self.base = self._build_base()
+        self.use_adv = recipe.loss.lambda_adv > 0
+        student = self._build_student()  # the order of builders is the order random numbers are drawn
+        self.teachers = self._build_teachers()
+        models = self._build_trained_models(student)
+        optimizers = {k: self._optimizer(k, m) for k, m in models.items()}
+        self.models = self.engine.prepare(models, optimizers, self._schedulers(optimizers))
+        self.stream = self._build_data()
+        self.generator = torch.Generator().manual_seed(recipe.train.seed * 1000 + self.engine.rank)
+        self.checkpoints = CheckpointManager(self.out / "checkpoints", recipe.train.keep_last)
+        self.step = 0
+        self.writer = None
+
+    # ----------------------------------------------------------------- builders
+    def _build_layout(self) -> None:
+        r = self.recipe
+        self.accum_steps = r.distributed.grad_accum_steps
         self.layout = TeacherLayout(self.engine.world_size, self.num_styles, self.accum_steps)
         self.local_teachers = self.layout.teachers_for_rank(self.engine.rank)
         # One style vector per gradient-accumulation micro-step (teachers rotate through them; layout.py).
-        self.micro_styles = [torch.tensor(self.layout.styles_for_batch(self.engine.rank, recipe.data.batch_size, m),
-                                          device=self.engine.device) for m in range(self.accum_steps)]
+        self.micro_styles = [torch.tensor(self.layout.styles_for_batch(self.engine.rank, r.data.batch_size, m),
+                                          device=self.device) for m in range(self.accum_steps)]
         self.batch_styles = self.micro_styles[0]
         # Collective: a teacher missing on one rank (node) stops every rank with the same message.
-        agree(check_teacher_paths, [recipe.teachers[i] for i in self.local_teachers], what="teacher check",
+        agree(check_teacher_paths, [r.teachers[i] for i in self.local_teachers], what="teacher check",
               collective=self.engine.world_size > 1)
 
-        torch.manual_seed(recipe.train.seed)
-        self.device = self.engine.device
-        self.base = FrozenPipeline(recipe.model.base, resolution=recipe.data.resolution).to(self.device)
-        if recipe.model.arch != "auto" and recipe.model.arch != self.base.arch.name:
-            raise ValueError(f"model.arch is {recipe.model.arch!r} but the base at {recipe.model.base} is "
-                             f"{self.base.arch.name}")
-        student = StyleUNet2DConditionModel.from_unet(self.base.unet, names)
-        if recipe.train.gradient_checkpointing:
-            student.enable_gradient_checkpointing()
-        self.teachers = agree(lambda: {
-            i: load_teacher(i, recipe.teachers[i], base=recipe.model.base, student_base=self.base.unet,
-                            dtype=recipe.model.teacher_dtype, default_prediction_type=self.base.prediction_type)
+    def _build_base(self) -> FrozenPipeline:
+        r = self.recipe
+        base = FrozenPipeline(r.model.base, resolution=r.data.resolution).to(self.device)
+        if r.model.arch != "auto" and r.model.arch != base.arch.name:
+            raise ValueError(f"model.arch is {r.model.arch!r} but the base at {r.model.base} is {base.arch.name}")
+        return base
+
+    def _build_teachers(self) -> dict:
+        r = self.recipe
+        teachers = agree(lambda: {
+            i: load_teacher(i, r.teachers[i], base=r.model.base, student_base=self.base.unet,
+                            dtype=r.model.teacher_dtype, default_prediction_type=self.base.prediction_type)
             for i in self.local_teachers
         }, what="teacher loading", collective=self.engine.world_size > 1)
-        for teacher in self.teachers.values():
+        for teacher in teachers.values():
             teacher.unet.to(self.device)
-        self.use_adv = recipe.loss.lambda_adv > 0
+        return teachers
+
+    def _build_student(self) -> StyleUNet2DConditionModel:
+        student = StyleUNet2DConditionModel.from_unet(self.base.unet, self.recipe.style_names)
+        if self.recipe.train.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        return student
+
+    def _build_trained_models(self, student) -> dict[str, torch.nn.Module]:
+        """Student and (with the adversarial loss) the discriminator, trainable, on the device."""
         models = {"student": student}
         if self.use_adv:
             models["disc"] = MultiClassDiscriminator(self.base.unet, self.num_styles)
@@ -99,30 +123,8 @@ class DistillationTrainer:
             # parameter trainable before an engine registers its gradient hooks (ZeRO skips the rest).
             model.requires_grad_(True)
             model.to(self.device)
-        optimizers = {k: self._optimizer(k, m) for k, m in models.items()}
-        warmup = recipe.optim.warmup_steps
-        schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / max(1, warmup)))
-                      for k, o in optimizers.items()}
-        self.models = self.engine.prepare(models, optimizers, schedulers)
+        return models
 
-        self.stream = ShardStream(
-            training_shards(recipe) if self.engine.is_main or recipe.data.toyworld is None else [],
-            batch_size=recipe.data.batch_size, resolution=recipe.data.resolution, seed=recipe.train.seed,
-            rank=self.engine.rank, world_size=self.engine.world_size, image_key=recipe.data.image_key,
-            caption_key=recipe.data.caption_key, shuffle_buffer=recipe.data.shuffle_buffer,
-            num_workers=recipe.data.num_workers,
-        )
-        if not self.stream.urls:  # non-main ranks read the toy shards the main rank wrote
-            self.engine.barrier()
-            self.stream.urls = training_shards(recipe)
-        elif recipe.data.toyworld is not None and self.engine.world_size > 1:
-            self.engine.barrier()
-        self.generator = torch.Generator().manual_seed(recipe.train.seed * 1000 + self.engine.rank)
-        self.checkpoints = CheckpointManager(self.out / "checkpoints", recipe.train.keep_last)
-        self.step = 0
-        self.writer = None
-
-    # ----------------------------------------------------------------- setup helpers
     def _optimizer(self, which: str, model: torch.nn.Module) -> torch.optim.Optimizer:
         o = self.recipe.optim
         lr = o.lr if which == "student" else o.disc_lr
@@ -133,6 +135,26 @@ class DistillationTrainer:
         else:
             groups = [{"params": list(model.parameters()), "lr": lr}]
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+    def _schedulers(self, optimizers: dict) -> dict:
+        warmup = self.recipe.optim.warmup_steps
+        return {k: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+                for k, o in optimizers.items()}
+
+    def _build_data(self) -> ShardStream:
+        """The main rank lets a file-writing source (the toy world) write its shards first."""
+        r = self.recipe
+        cache_root = self.out.parent / ".shards"
+        wait = writes_files(source_name(r.data)) and self.engine.world_size > 1
+        if wait and not self.engine.is_main:
+            self.engine.barrier()
+        urls = training_shards(r, cache_root)
+        if wait and self.engine.is_main:
+            self.engine.barrier()
+        return ShardStream(urls, batch_size=r.data.batch_size, resolution=r.data.resolution, seed=r.train.seed,
+                           rank=self.engine.rank, world_size=self.engine.world_size, image_key=r.data.image_key,
+                           caption_key=r.data.caption_key, shuffle_buffer=r.data.shuffle_buffer,
+                           num_workers=r.data.num_workers)
 
     def _autocast(self):
         if self.recipe.train.mixed_precision == "bf16":

@@ -3,15 +3,15 @@
 import pytest
 import torch
 
+from dmm.registry import RegistryError
 from eval.features import (
     FEATURE_EXTRACTORS,
     FeatureConfig,
-    FIDInceptionV3,
     ModuleFeatures,
     build_feature_extractor,
-    register_feature_extractor,
     resize_images,
 )
+from eval.inception import FIDInceptionV3
 
 # name -> shape of a few parameters of the standard FID network (pt_inception-2015-12-05 layout)
 EXPECTED = {
@@ -87,7 +87,7 @@ def test_registry_accepts_any_module():
         def forward(self, x):
             return self.conv(x).mean(dim=(2, 3))
 
-    @register_feature_extractor("tiny-test-net")
+    @FEATURE_EXTRACTORS.register("tiny-test-net", description="a tiny conv net (test)")
     def _factory(cfg):
         torch.manual_seed(0)
         return ModuleFeatures(Tiny(), name="tiny-test-net", input_size=16, resize=cfg.resize)
@@ -98,6 +98,6 @@ def test_registry_accepts_any_module():
         assert ext(torch.rand(3, 3, 32, 32)).shape == (3, 5)
         assert ext.describe()["input_size"] == 16
     finally:
-        FEATURE_EXTRACTORS.pop("tiny-test-net")
-    with pytest.raises(KeyError, match="unknown feature extractor 'tiny-test-net'"):
+        FEATURE_EXTRACTORS.remove("tiny-test-net")
+    with pytest.raises(RegistryError, match="unknown feature extractor 'tiny-test-net'"):
         build_feature_extractor("tiny-test-net")

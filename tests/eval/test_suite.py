@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.features import FEATURE_EXTRACTORS, ModuleFeatures, register_feature_extractor
+from eval.features import FEATURE_EXTRACTORS, ModuleFeatures
 from eval.suite import main, teachers_from_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,9 +26,10 @@ def colour_features():
             p = torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
             return torch.cat([p, p**2], 1)
 
-    register_feature_extractor("test-colour")(lambda cfg: ModuleFeatures(Net(), name="test-colour", dim=24))
+    FEATURE_EXTRACTORS.add("test-colour", lambda cfg: ModuleFeatures(Net(), name="test-colour", dim=24),
+                           description="pooled colour statistics (test)")
     yield "test-colour"
-    FEATURE_EXTRACTORS.pop("test-colour")
+    FEATURE_EXTRACTORS.remove("test-colour")
 
 
 def _args(tiny_models, out, prompts, features, clip_dir, *extra):
