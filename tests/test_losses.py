@@ -15,7 +15,7 @@ def test_score_distillation_is_plain_mse():
     assert score_distillation_loss(s, t).item() == pytest.approx((0 + 4 + 0 + 4) / 4)
 
 
-def test_score_distillation_converts_teacher_prediction_type():
+def test_teacher_predictions_convert_to_the_students_type():
     sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
     ac = sched.alphas_cumprod
     g = torch.Generator().manual_seed(0)
@@ -23,9 +23,8 @@ def test_score_distillation_converts_teacher_prediction_type():
     t = torch.tensor([10, 200, 500, 900])
     x_t = add_noise(x0, eps, t, ac)
     v = sched.get_velocity(x0, eps, t)
-    # A v-teacher and an eps-student that agree on the truth have zero loss.
-    loss = score_distillation_loss(eps, v, x_t=x_t, t=t, alphas_cumprod=ac, student_type="epsilon",
-                                   teacher_type="v_prediction")
+    # A v-teacher and an eps-student that agree on the truth have zero loss once converted.
+    loss = score_distillation_loss(eps, convert_prediction(v, x_t, t, ac, "v_prediction", "epsilon"))
     assert loss.item() < 1e-8
     torch.testing.assert_close(predict_x0(v, x_t, t, ac, "v_prediction"), x0, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(predict_x0(eps, x_t, t, ac, "epsilon"), x0, rtol=1e-3, atol=1e-3)
