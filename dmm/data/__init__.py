@@ -1,5 +1,5 @@
 """Training data: webdataset shards of (image, caption)."""
 
-from dmm.data.webdata import ShardStream, expand_urls, to_tensor
+from dmm.data.webdata import DataError, ShardStream, expand_urls, to_tensor
 
-__all__ = ["ShardStream", "expand_urls", "to_tensor"]
+__all__ = ["DataError", "ShardStream", "expand_urls", "to_tensor"]

@@ -9,13 +9,19 @@ consumed) is part of the training checkpoint, and resuming skips exactly that ma
 With `num_workers` > 0 a DataLoader's workers share a rank's stream: worker w decodes batches
 w, w + K, ... of the same deterministic sequence and the loader hands them back in order, so the
 batches (and the saved position) are exactly those of `num_workers=0`.
+
+A shard or sample that cannot be read stops training with a `DataError` naming the shard and
+the sample key (a missing image or caption, an undecodable image, a garbage or truncated tar),
+also from DataLoader workers, instead of a bare KeyError or tarfile error.
 """
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import random
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,16 +31,51 @@ import webdataset as wds
 from PIL import Image
 
 
+class DataError(ValueError):
+    """A shard or sample that cannot be used; the message names the shard, the sample and the fix."""
+
+
+GLOB_CHARS = "*?["
+TAR_BLOCK = 512
+
+
+def _check_tar_size(path: str) -> None:
+    """A plain .tar is a whole number of 512-byte blocks: anything else was cut short (cheap: one stat)."""
+    if not path.endswith(".tar"):
+        return
+    size = Path(path).stat().st_size
+    if size == 0:
+        raise DataError(f"data: shard {path} is empty (0 bytes); re-write it or remove it from data.shards")
+    if size % TAR_BLOCK:
+        raise DataError(f"data: shard {path} is {size} bytes, not a whole number of {TAR_BLOCK}-byte tar blocks: "
+                        "it is truncated; re-write it or remove it from data.shards")
+
+
 def expand_urls(patterns: list[str]) -> list[str]:
+    """Shard paths from `data.shards`: plain paths, brace patterns (`shard-{0000..0099}.tar`) and
+    glob patterns (`/data/*.tar`, expanded sorted; one that matches nothing is refused)."""
     urls: list[str] = []
     for pattern in patterns:
         expanded = list(wds.shardlists.expand_urls(pattern)) if "{" in pattern else [pattern]
         for url in expanded:
-            if "://" not in url and not Path(url).is_file():
+            if "://" in url:
+                urls.append(url)
+                continue
+            if not Path(url).is_file() and any(c in url for c in GLOB_CHARS):
+                matches = sorted(m for m in glob.glob(url) if Path(m).is_file())
+                if not matches:
+                    shown = repr(pattern) + (f" ({url})" if url != pattern else "")
+                    raise FileNotFoundError(f"data.shards: {shown} matches no file; check the path and pattern")
+                urls.extend(matches)
+                continue
+            if not Path(url).is_file():
                 raise FileNotFoundError(f"data shard not found: {url}")
             urls.append(url)
     if not urls:
         raise ValueError("no data shards given: set data.shards to webdataset tar files")
+    for url in urls:
+        if "://" not in url:
+            _check_tar_size(url)
     return urls
 
 
@@ -83,26 +124,42 @@ class ShardStream:
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         by_shard = len(order) >= self.world_size
         mine = order[self.rank :: self.world_size] if by_shard else order
-        # No node/worker splitting inside webdataset: ranks are split above, workers in __iter__.
-        dataset = wds.WebDataset(mine, shardshuffle=False, empty_check=False, nodesplitter=None,
-                                 workersplitter=None)
-        for i, sample in enumerate(dataset):
-            if by_shard or i % self.world_size == self.rank:
-                yield sample
+        i = 0
+        for url in mine:  # one shard at a time, so that a broken one is named
+            # No node/worker splitting inside webdataset: ranks are split above, workers in __iter__.
+            dataset = wds.WebDataset([url], shardshuffle=False, empty_check=False, nodesplitter=None,
+                                     workersplitter=None)
+            try:
+                for sample in dataset:
+                    if by_shard or i % self.world_size == self.rank:
+                        yield sample
+                    i += 1
+            except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError) as err:
+                reason = str(err.args[0]).split(" @ ")[0] if err.args else type(err).__name__
+                raise DataError(f"data: shard {url}: not a readable tar file ({reason}); re-write it or remove "
+                                "it from data.shards") from None
 
     def _decode(self, sample: dict) -> tuple[torch.Tensor, str]:
-        if self.image_key not in sample or self.caption_key not in sample:
-            raise KeyError(
-                f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks {self.image_key!r} or "
-                f"{self.caption_key!r}; it has {sorted(k for k in sample if not k.startswith('__'))}: "
-                "set data.image_key / data.caption_key"
-            )
-        image = Image.open(io.BytesIO(sample[self.image_key]))
+        where = f"data: shard {sample.get('__url__')}, sample {sample.get('__key__')}"
+        keys = ", ".join(sorted(k for k in sample if not k.startswith("__")))
+        if self.image_key not in sample:
+            raise DataError(f"{where}: no {self.image_key!r} image (keys: {keys}); set data.image_key")
+        if self.caption_key not in sample:
+            raise DataError(f"{where}: no {self.caption_key!r} caption (keys: {keys}); set data.caption_key")
+        try:
+            image = to_tensor(Image.open(io.BytesIO(sample[self.image_key])), self.resolution)
+        except (OSError, ValueError, SyntaxError) as err:  # PIL: UnidentifiedImageError, truncated data
+            raise DataError(f"{where}: {self.image_key!r} is not a readable image ({' '.join(str(err).split())}); "
+                            "re-write this sample or drop the shard") from None
         caption = sample[self.caption_key]
-        caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
-        if self.caption_key == "json":
-            caption = json.loads(caption)["caption"]
-        return to_tensor(image, self.resolution), caption
+        try:
+            caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+            if self.caption_key == "json":
+                caption = json.loads(caption)["caption"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise DataError(f"{where}: cannot read a caption from {self.caption_key!r} ({type(err).__name__}: "
+                            f"{err}); a json caption is {{\"caption\": ...}}, text is UTF-8") from None
+        return image, caption
 
     def _epoch_samples(self, epoch: int) -> Iterator[dict]:
         """This rank's raw (undecoded) samples of one epoch, shuffled through a seeded buffer."""
@@ -139,7 +196,7 @@ class ShardStream:
                     index += 1
                     pending = []
             if seen == 0:
-                raise ValueError(f"rank {self.rank} received no samples from shards {self.urls[:3]}...")
+                raise DataError(f"data: rank {self.rank} received no samples from shards {self.urls[:3]}...")
             epoch += 1
             consumed = 0
 
@@ -151,6 +208,8 @@ class ShardStream:
             return
         loader = torch.utils.data.DataLoader(_WorkerShare(self), batch_size=None, num_workers=self.num_workers)
         for item in loader:
+            if "_error" in item:  # a worker's DataError, without the worker's traceback
+                raise DataError(item["_error"])
             self.epoch, self.consumed = int(item.pop("_epoch")), int(item.pop("_consumed"))
             yield item
 
@@ -164,6 +223,9 @@ class _WorkerShare(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         w, k = (info.id, info.num_workers) if info is not None else (0, 1)
-        for batch, epoch, consumed in self.stream._positioned_batches(keep=lambda i: i % k == w):
-            if batch is not None:
-                yield {**batch, "_epoch": epoch, "_consumed": consumed}
+        try:
+            for batch, epoch, consumed in self.stream._positioned_batches(keep=lambda i: i % k == w):
+                if batch is not None:
+                    yield {**batch, "_epoch": epoch, "_consumed": consumed}
+        except DataError as err:
+            yield {"_error": str(err)}
