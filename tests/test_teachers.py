@@ -234,3 +234,24 @@ def test_non_finite_teacher_weights_are_refused_at_load(base, student_base, tmp_
         "are NaN/inf); the checkpoint is corrupt or was saved after its training diverged: use another "
         "checkpoint of this teacher")
     assert _load(base, student_base, make_teacher(base, tmp_path / "fine", seed=3)).name == "neon"
+
+
+def test_truncated_pickled_checkpoint(base, student_base, tmp_path):
+    torch.save(student_base.state_dict(), tmp_path / "full.ckpt")
+    (tmp_path / "neon.ckpt").write_bytes((tmp_path / "full.ckpt").read_bytes()[:4096])
+    from dmm.recipes import TeacherSpec
+    from dmm.teachers import load_teacher
+
+    spec = TeacherSpec(name="neon", path=str(tmp_path / "neon.ckpt"), allow_pickle=True)
+    with pytest.raises(TeacherLoadError, match=rf"^teacher 'neon' \({tmp_path / 'neon.ckpt'}\): neon.ckpt is not a "
+                                               r"readable torch checkpoint \(truncated or corrupt: "):
+        load_teacher(0, spec, base=str(base), student_base=student_base, dtype="float32",
+                     default_prediction_type="epsilon")
+
+
+def test_broken_scheduler_config_of_a_teacher_folder(base, student_base, tmp_path):
+    folder = make_teacher(base, tmp_path / "neon", seed=3)
+    (folder / "scheduler" / "scheduler_config.json").write_text("{")
+    with pytest.raises(TeacherLoadError, match=rf"^teacher 'neon' \({folder}\): .*scheduler_config.json is not a "
+                                               "valid scheduler config"):
+        _load(base, student_base, folder)

@@ -243,7 +243,16 @@ def _load_ckpt(path: Path, *, base: Path, allow_pickle: bool, options: CkptOptio
             f"{path} is a pickled checkpoint; set `allow_pickle: true` on this teacher to load it "
             "(it is read with torch.load(weights_only=True)), or convert it to .safetensors"
         )
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    import pickle
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise  # weights_only refused an object: its message says which
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise TeacherFileError(f"{path.name} is not a readable torch checkpoint (truncated or corrupt: {reason}); "
+                               "re-download or re-export it") from None
     if not isinstance(state, dict):
         raise TeacherFileError(f"{path.name} holds {type(state).__name__}, not a state dict")
     state = state.get(options.state_key, state)

@@ -63,9 +63,13 @@ def teacher_prediction_type(spec: TeacherSpec, default: str) -> str:
     import json
 
     cfg = Path(spec.path) / "scheduler" / "scheduler_config.json"
-    if cfg.is_file():
+    if not cfg.is_file():
+        return default
+    try:
         return json.loads(cfg.read_text()).get("prediction_type", default)
-    return default
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise TeacherFileError(f"{cfg} is not a valid scheduler config ({err}); restore it from the "
+                               "original checkpoint") from None
 
 
 @dataclass
@@ -91,6 +95,7 @@ def load_teacher(index: int, spec: TeacherSpec, *, base: str, student_base: nn.M
         unet = load_teacher_unet(spec.path, spec.format, base=base, allow_pickle=spec.allow_pickle,
                                  dtype=DTYPES[dtype], options=getattr(spec, "options", None),
                                  where=f"teachers[{index}].options")
+        prediction_type = teacher_prediction_type(spec, default_prediction_type)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{where}: {_reason(err)}") from None
     except Exception as err:
@@ -104,7 +109,7 @@ def load_teacher(index: int, spec: TeacherSpec, *, base: str, student_base: nn.M
     except ValueError as err:
         raise TeacherLoadError(f"{where}: {str(err).replace(f'teacher {spec.name!r} ', '', 1)}") from None
     unet.requires_grad_(False).eval()
-    return Teacher(index, spec.name, unet, teacher_prediction_type(spec, default_prediction_type))
+    return Teacher(index, spec.name, unet, prediction_type)
 
 
 def check_teacher_paths(specs: list[TeacherSpec]) -> None:
