@@ -18,7 +18,12 @@ from dmm.pipeline import MERGE_INFO
 def build_student(base: str | Path, style_names: list[str], state: dict[str, torch.Tensor]):
     from diffusers import UNet2DConditionModel
 
-    config = UNet2DConditionModel.load_config(str(Path(base) / "unet"))
+    unet_dir = Path(base) / "unet"
+    if not (unet_dir / "config.json").is_file():
+        # Never let diffusers read a missing local folder as a model-hub name.
+        raise FileNotFoundError(f"base model folder {base} has no unet/config.json: the merged model is built on "
+                                "the base's config; point base= (or the recipe's model.base) at its diffusers folder")
+    config = UNet2DConditionModel.load_config(str(unet_dir), local_files_only=True)
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     student = StyleUNet2DConditionModel(**config, style_names=list(style_names))
     if state is not None:
@@ -54,11 +59,16 @@ def checkpoint_student_state(checkpoint: Path, recipe: dict) -> dict[str, torch.
         checkpoint, "student", lambda: build_student(recipe["model"]["base"], names, None).state_dict())
 
 
-def export_from_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
-    """Export from a checkpoint folder of any engine (sharded ones are consolidated here)."""
+def export_from_checkpoint(checkpoint: str | Path, out: str | Path, base: str | Path | None = None) -> Path:
+    """Export from a checkpoint folder of any engine (sharded ones are consolidated here).
+    `base`: the base model's folder, when it moved since training (default: the recipe's)."""
     checkpoint = Path(checkpoint)
+    if not (checkpoint / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no trainer_state.json)")
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     recipe = state["recipe"]
+    if base is not None:
+        recipe["model"]["base"] = str(base)
     names = [t["name"] for t in recipe["teachers"]]
     student = build_student(recipe["model"]["base"], names, checkpoint_student_state(checkpoint, recipe))
     return export_merged(student, recipe["model"]["base"], out, {"step": state["step"], "recipe": recipe["name"]})
