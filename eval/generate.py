@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmm.io import atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
+from dmm.io import atomic_write_bytes, atomic_write_text  # re-exported
 from dmm.sampling import sample_images
 
 __all__ = [
