@@ -1,8 +1,10 @@
-"""Tiny real-architecture pipelines and shards, for tests and CPU benchmarks (random weights).
+"""Tiny real-architecture pipelines, shards and whole test worlds, for tests and CPU benchmarks.
 
-Real diffusers/transformers classes with tiny configs: a CLIP tokenizer built from a small word
-list, tiny CLIP text encoders, a tiny VAE and a tiny UNet, saved as a pipeline folder that
-`DiffusionPipeline.from_pretrained` loads like any Stable Diffusion checkpoint.
+Real diffusers/transformers classes with tiny configs (random weights): a CLIP tokenizer built
+from a small word list, tiny CLIP text encoders, a tiny VAE and a tiny UNet, saved as a pipeline
+folder that `DiffusionPipeline.from_pretrained` loads like any Stable Diffusion checkpoint.
+`build_tiny_world` puts a base, perturbed "fine-tuned" teachers and shards in one folder and
+`tiny_recipe_dict` writes a recipe for it: the one test world every trainer test starts from.
 """
 
 from __future__ import annotations
@@ -10,10 +12,14 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from dmm.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 WORDS = ["a", "red", "green", "blue", "circle", "square", "triangle", "small", "large", "on", "the", "left", "right"]
 TEXT_DIM = 32
@@ -51,8 +57,8 @@ def write_tokenizer(folder: Path, words=WORDS) -> Path:
                 vocab[merged] = len(vocab)
                 have.add(merged)
             parts = [merged] + parts[2:]
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    atomic_write_text(folder / "vocab.json", json.dumps(vocab))
+    atomic_write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
     from transformers import CLIPTokenizer
 
     tok = CLIPTokenizer.from_pretrained(str(folder), model_max_length=16, pad_token="<|endoftext|>")
@@ -118,7 +124,8 @@ def write_shards(folder: str | Path, n: int, per_shard: int = 16, size: int = 16
     paths = []
     for s in range(0, n, per_shard):
         path = folder / f"shard-{s // per_shard:05d}.tar"
-        with tarfile.open(path, "w") as tar:
+        shard = io.BytesIO()
+        with tarfile.open(fileobj=shard, mode="w") as tar:
             for k in range(s, min(n, s + per_shard)):
                 img = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
                 buf = io.BytesIO()
@@ -128,5 +135,89 @@ def write_shards(folder: str | Path, n: int, per_shard: int = 16, size: int = 16
                     info = tarfile.TarInfo(f"{k:08d}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
+        atomic_write_bytes(path, shard.getvalue())
         paths.append(path)
     return paths
+
+
+WORLD_JSON = "world.json"
+
+
+@dataclass(frozen=True)
+class TinyWorld:
+    """A built test world: base pipeline folder, teacher folders by name (recipe order), shards."""
+
+    root: Path
+    base: Path
+    teachers: dict[str, Path]
+    shards: list[Path] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _WorldSpec:
+    """What a world folder was built with (its world.json): a rebuild with other settings is refused."""
+
+    arch: str
+    teachers: list[str]
+    n_samples: int
+    per_shard: int
+    prediction_type: str
+
+
+def _teacher_names(teachers: int | Sequence[str]) -> list[str]:
+    names = [f"style{i}" for i in range(teachers)] if isinstance(teachers, int) else [str(t) for t in teachers]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"teachers: give a positive count or distinct names, got {teachers!r}")
+    return names
+
+
+def _world_from(root: Path, spec: _WorldSpec, shards: list[str]) -> TinyWorld:
+    return TinyWorld(root=root, base=root / "base", teachers={n: root / f"teacher_{n}" for n in spec.teachers},
+                     shards=[root / "shards" / s for s in shards])
+
+
+def build_tiny_world(folder: str | Path, arch: str = "sdxl", teachers: int | Sequence[str] = 2,
+                     n_samples: int = 64, per_shard: int = 16, prediction_type: str = "epsilon") -> TinyWorld:
+    """A tiny base pipeline, one perturbed copy per teacher (`teacher_<name>`, seeds 1, 2, ...) and
+    `n_samples` shard samples under `folder`. Idempotent: a folder finished with the same settings
+    (its world.json) is reused; one built with other settings is refused rather than mixed."""
+    root = Path(folder)
+    spec = _WorldSpec(arch, _teacher_names(teachers), int(n_samples), int(per_shard), prediction_type)
+    marker = root / WORLD_JSON
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        built = {k: done.get(k) for k in asdict(spec)}
+        if built != asdict(spec):
+            diff = {k: (built[k], v) for k, v in asdict(spec).items() if built[k] != v}
+            raise ValueError(f"{root} holds a tiny world built with other settings (built, asked): {diff}; "
+                             "use another folder or delete this one")
+        return _world_from(root, spec, done["shards"])
+    make_tiny_pipeline(root / "base", arch, prediction_type=prediction_type)
+    for i, name in enumerate(spec.teachers):
+        make_teacher(root / "base", root / f"teacher_{name}", seed=i + 1)
+    shards = [p.name for p in write_shards(root / "shards", n_samples, per_shard=per_shard)]
+    atomic_write_json(marker, {**asdict(spec), "shards": shards})
+    return _world_from(root, spec, shards)
+
+
+def tiny_recipe_dict(world: TinyWorld, out: str | Path, *, teachers: int | None = None, **sections) -> dict:
+    """A raw recipe (dict) training on `world` into `out`: 3 steps of batch 4 at 16x16, a checkpoint
+    every 2. `teachers` keeps the first k teachers; each keyword updates that section (a mapping)
+    or sets that key (anything else), e.g. `train={"max_steps": 4}` or `name="other"`."""
+    names = list(world.teachers)[:teachers] if teachers is not None else list(world.teachers)
+    if teachers is not None and not 0 < teachers <= len(world.teachers):
+        raise ValueError(f"teachers={teachers}: the world at {world.root} has {len(world.teachers)} teachers")
+    raw = {
+        "name": "tiny",
+        "model": {"base": str(world.base)},
+        "teachers": [{"name": n, "path": str(world.teachers[n])} for n in names],
+        "data": {"shards": [str(s) for s in world.shards], "resolution": 16, "batch_size": 4},
+        "train": {"max_steps": 3, "output_dir": str(out), "checkpoint_every": 2, "log_every": 1},
+        "optim": {"lr": 1e-3, "disc_lr": 1e-3},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            raw[key] = {**raw.get(key, {}), **value}
+        else:
+            raw[key] = value
+    return raw

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -125,13 +126,13 @@ def test_mismatched_teacher_is_named(world, tmp_path):
     from dmm.testing import make_tiny_pipeline
 
     make_tiny_pipeline(tmp_path / "sd15", "sd15")
-    bad = dict(world, teachers={"a": world["teachers"]["a"], "odd": tmp_path / "sd15"})
+    bad = dataclasses.replace(world, teachers={"a": world.teachers["a"], "odd": tmp_path / "sd15"})
     with pytest.raises(ValueError, match=r"teacher 'odd' does not have the student's UNet shape: first mismatched"):
         DistillationTrainer(tiny_world.recipe(bad, tmp_path / "run"))
 
 
 def test_missing_teacher_path_is_named(world, tmp_path):
-    bad = dict(world, teachers={"a": world["teachers"]["a"], "gone": tmp_path / "nowhere"})
+    bad = dataclasses.replace(world, teachers={"a": world.teachers["a"], "gone": tmp_path / "nowhere"})
     with pytest.raises(FileNotFoundError, match="gone: .*nowhere"):
         DistillationTrainer(tiny_world.recipe(bad, tmp_path / "run"))
 

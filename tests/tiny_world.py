@@ -1,27 +1,14 @@
-"""Session-scoped tiny pipelines + shards (random weights) shared by trainer tests."""
+"""Trainer tests' tiny world: `dmm.testing.build_tiny_world` with teachers "a" and "b", parsed recipes."""
 
 from pathlib import Path
 
 from dmm.recipes import parse_recipe
-from dmm.testing import make_teacher, make_tiny_pipeline, write_shards
+from dmm.testing import TinyWorld, build_tiny_world, tiny_recipe_dict
 
 
-def build(root: Path, arch: str = "sdxl", teachers=("a", "b"), prediction_type="epsilon") -> dict:
-    make_tiny_pipeline(root / "base", arch, prediction_type=prediction_type)
-    paths = {n: make_teacher(root / "base", root / f"teacher_{n}", seed=i + 1) for i, n in enumerate(teachers)}
-    shards = write_shards(root / "shards", 64)
-    return {"base": root / "base", "teachers": paths, "shards": shards}
+def build(root: Path, arch: str = "sdxl", teachers=("a", "b"), prediction_type="epsilon") -> TinyWorld:
+    return build_tiny_world(root, arch, teachers=teachers, prediction_type=prediction_type)
 
 
-def recipe(world: dict, out: Path, **sections):
-    raw = {
-        "name": "tiny",
-        "model": {"base": str(world["base"])},
-        "teachers": [{"name": n, "path": str(p)} for n, p in world["teachers"].items()],
-        "data": {"shards": [str(s) for s in world["shards"]], "resolution": 16, "batch_size": 4},
-        "train": {"max_steps": 3, "output_dir": str(out), "checkpoint_every": 2, "log_every": 1},
-        "optim": {"lr": 1e-3, "disc_lr": 1e-3},
-    }
-    for key, value in sections.items():
-        raw.setdefault(key, {}).update(value)
-    return parse_recipe(raw)
+def recipe(world: TinyWorld, out: Path, **sections):
+    return parse_recipe(tiny_recipe_dict(world, out, **sections))

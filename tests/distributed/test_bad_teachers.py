@@ -30,7 +30,7 @@ def poison(folder, key: str = "mid_block.resnets.0.conv1.weight") -> str:
 @pytest.mark.slow
 def test_nan_teacher_on_one_rank_stops_both_with_one_line(world, tmp_path):
     bad = tmp_path / "style1-nan"
-    shutil.copytree(world / "teacher1", bad)
+    shutil.copytree(world.teachers["style1"], bad)
     key = poison(bad)
     raw = recipe_dict(world, tmp_path / "run", teachers=2, distributed={"engine": "fsdp2"})
     raw["teachers"][1]["path"] = str(bad)  # rank r holds teacher r: only rank 1 loads the bad one
