@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 
 
@@ -72,11 +71,6 @@ class ProcessGroupCollectives:
 
     def barrier(self) -> None:
         dist.barrier()
-
-    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.clone()
-        dist.all_reduce(value)
-        return value / self.world_size
 
     def broadcast_object(self, obj):
         box = [obj]
