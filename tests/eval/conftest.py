@@ -11,6 +11,18 @@ import pytest
 import torch
 
 STYLES = ["red_style", "blue_style"]
+WORLD = Path(os.environ.get("DMM_EVAL_TOYWORLD", Path(__file__).resolve().parents[2] / "assets" / "toyworld"))
+
+
+@pytest.fixture(scope="session")
+def world():
+    """The shipped toy world (or $DMM_EVAL_TOYWORLD); the test is skipped with the reason when it is not built."""
+    try:
+        from dmm.toyworld import load_world
+
+        return load_world(WORLD)
+    except Exception as exc:  # not built yet, or half built
+        pytest.skip(f"toy world not available at {WORLD}: {exc}")
 
 
 @pytest.fixture(scope="session")

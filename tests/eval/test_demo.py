@@ -1,25 +1,12 @@
 """The `make demo` summary (eval.demo): the eval package's own steps give the numbers it always printed."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-WORLD = Path(os.environ.get("DMM_EVAL_TOYWORLD", REPO / "assets" / "toyworld"))
-
-
-@pytest.fixture(scope="module")
-def world():
-    try:
-        from dmm.toyworld import load_world
-
-        return load_world(WORLD)
-    except Exception as exc:  # not built yet, or half built
-        pytest.skip(f"toy world not available at {WORLD}: {exc}")
 
 
 def test_demo_summary_matches_a_direct_computation(world, tmp_path, capsys):
@@ -34,7 +21,7 @@ def test_demo_summary_matches_a_direct_computation(world, tmp_path, capsys):
 
     recipe = load_recipe(REPO / "recipes" / "toy_sdxl_4.yaml",
                          ["sample.n_per_style=3", "sample.steps=2", "sample.grid_prompts=2",
-                          f"data.toyworld.world={WORLD}"])
+                          f"data.toyworld.world={world.root}"])
     styles = recipe.style_names
     student = StyleUNet2DConditionModel.from_unet(
         UNet2DConditionModel.from_pretrained(str(world.base_path / "unet"), local_files_only=True), styles)

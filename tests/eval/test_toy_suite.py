@@ -7,25 +7,12 @@ exercise every toy code path end to end.
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
-WORLD = Path(os.environ.get("DMM_EVAL_TOYWORLD", REPO / "assets" / "toyworld"))  # env: try another world
-
-
-@pytest.fixture(scope="module")
-def world():
-    try:
-        from dmm.toyworld import load_world
-
-        return load_world(WORLD)
-    except Exception as exc:  # not built yet, or half built
-        pytest.skip(f"toy world not available at {WORLD}: {exc}")
 
 
 def test_suite_toy_defaults(world, tmp_path):
@@ -47,7 +34,7 @@ def test_suite_toy_defaults(world, tmp_path):
     recipe.write_text("teachers:\n" + "".join(f"  - {{name: {s}, path: {world.teacher_path(s)}}}\n" for s in styles))
     out = tmp_path / "eval"
     rc = main(["--merged", str(merged), "--teachers-from-recipe", str(recipe), "--out", str(out),
-               "--toyworld", str(WORLD), "--num-samples", "4", "--steps", "2", "--grid-images", "2", "--no-progress"])
+               "--toyworld", str(world.root), "--num-samples", "4", "--steps", "2", "--grid-images", "2", "--no-progress"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["features"]["name"] == "toyworld"
