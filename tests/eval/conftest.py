@@ -34,7 +34,7 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("clip")
     write_tokenizer(folder)
-    tok = CLIPTokenizer.from_pretrained(str(folder))
+    tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     torch.manual_seed(0)
     cfg = CLIPConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -67,8 +67,8 @@ def tiny_models(tmp_path_factory) -> dict:
     make_tiny_pipeline(root / "base", arch="sd15", seed=0)
     teachers = {s: str(make_teacher(root / "base", root / f"teacher_{s}", seed=k + 1, scale=0.05))
                 for k, s in enumerate(STYLES)}
-    student = StyleUNet2DConditionModel.from_unet(UNet2DConditionModel.from_pretrained(str(root / "base" / "unet")),
-                                                  STYLES)
+    base_unet = UNet2DConditionModel.from_pretrained(str(root / "base" / "unet"), local_files_only=True)
+    student = StyleUNet2DConditionModel.from_unet(base_unet, STYLES)
     with torch.no_grad():  # a "trained" codebook: the last layer starts at zero, so styles would coincide
         torch.manual_seed(0)
         student.class_embedding.mlp[2].weight.normal_(0, 0.5)

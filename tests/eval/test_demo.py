@@ -34,17 +34,21 @@ def test_demo_summary_matches_a_direct_computation(world, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "DMM toy demo: merged model vs its teachers (3 samples per style, toy-FID" in printed
     for row in summary["styles"]:
-        assert f"{row['style']:10s} {row['fid_own_teacher']:8.2f} {row['fid_nearest_other_teacher']:10.2f}" in printed
+        line = f"{row['style']:10s} {row['fid_own_teacher']:8.2f} {row['fid_nearest_other_teacher']:10.2f}"
+        assert line in printed
     assert f"merged model: {merged}" in printed and (tmp_path / "summary" / "summary.json").is_file()
 
     # the old dmm.demo computation, from the same cached images: features of all images at once
-    by_label = {json.loads(meta.read_text())["label"]: GenerationCache.load_images(sorted(meta.parent.glob("*.png")))
-                for meta in (tmp_path / "cache").glob("*/set.json")}
+    by_label = {}
+    for meta in (tmp_path / "cache").glob("*/set.json"):
+        label = json.loads(meta.read_text())["label"]
+        by_label[label] = GenerationCache.load_images(sorted(meta.parent.glob("*.png")))
     assert sorted(by_label) == sorted([f"merged/{s}" for s in styles] + [f"teacher/{s}" for s in styles])
     clf = world.classifier
     with torch.no_grad():
         feats = {k: clf.features(v).double() for k, v in by_label.items()}
-        acc = {k: float((clf.predict(v)["style"] == clf.config.heads["style"].index(k.split("/")[1])).float().mean())
+        heads = clf.config.heads["style"]
+        acc = {k: float((clf.predict(v)["style"] == heads.index(k.split("/")[1])).float().mean())
                for k, v in by_label.items()}
     m = fid_matrix([feats[f"merged/{s}"] for s in styles], [feats[f"teacher/{s}"] for s in styles])
     np.testing.assert_allclose(np.array(summary["fid_matrix"]), m, rtol=1e-6, atol=1e-6)

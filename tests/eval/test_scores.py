@@ -29,8 +29,8 @@ def _hand_embeddings(folder, images, prompts):
     """Independent path: quantise to 8 bit, normalise by hand, run the towers and projections."""
     from transformers import CLIPModel, CLIPTokenizer
 
-    model = CLIPModel.from_pretrained(str(folder)).eval()
-    tok = CLIPTokenizer.from_pretrained(str(folder))
+    model = CLIPModel.from_pretrained(str(folder), local_files_only=True).eval()
+    tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     pix = ((images * 255).round() / 255 - MEAN) / STD  # 32 px images: resize and crop are identities
     with torch.no_grad():
         img = model.visual_projection(model.vision_model(pixel_values=pix).pooler_output)

@@ -24,8 +24,8 @@ def test_suite_toy_defaults(world, tmp_path):
     from eval.suite import main
 
     styles = world.style_names[:2]
-    student = StyleUNet2DConditionModel.from_unet(UNet2DConditionModel.from_pretrained(str(world.base_path / "unet")),
-                                                  styles)
+    base_unet = UNet2DConditionModel.from_pretrained(str(world.base_path / "unet"), local_files_only=True)
+    student = StyleUNet2DConditionModel.from_unet(base_unet, styles)
     with torch.no_grad():
         torch.manual_seed(0)
         student.class_embedding.mlp[2].weight.normal_(0, 0.1)
