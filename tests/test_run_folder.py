@@ -128,6 +128,44 @@ def test_recipe_differences_ignore_resumable_keys_and_name_list_items():
     assert recipe_differences(RECIPE, c) == ["teachers[0].name"]
 
 
+# ---------------------------------------------------------------- the trainer in a used run folder
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from tests import tiny_world
+
+    return tiny_world.build(tmp_path_factory.mktemp("tiny"))
+
+
+def test_rerunning_in_a_run_folder_continues_refuses_or_starts_afresh(world, tmp_path, caplog):
+    from dmm.pipeline import MERGE_INFO
+    from dmm.train.run import run
+    from tests import tiny_world
+
+    out = tmp_path / "run"
+    run(tiny_world.recipe(world, out, train={"max_steps": 2}))  # the default train.resume (auto)
+    recipe_yaml = (out / "recipe.yaml").read_bytes()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(ValueError, match=r"differing keys: \['loss.lambda_feat'\].*train.resume=never"):
+        run(tiny_world.recipe(world, out, train={"max_steps": 4}, loss={"lambda_feat": 0.5}))
+    assert (out / "recipe.yaml").read_bytes() == recipe_yaml  # a refused resume writes nothing
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+    with caplog.at_level(logging.INFO, logger="dmm.train"):
+        run(tiny_world.recipe(world, out, train={"max_steps": 3}))
+    resumed = [r.getMessage() for r in caplog.records if "resumed from" in r.getMessage()]
+    assert len(resumed) == 1 and f"{out / 'checkpoints' / 'step-00000002'} at step 2 (train.resume=auto" in resumed[0]
+    assert _steps(out / "checkpoints") == ["step-00000002", "step-00000003"]
+    assert (out / "checkpoints" / "latest").read_text() == "step-00000003"
+    assert json.loads((out / "merged" / MERGE_INFO).read_text())["step"] == 3
+
+    run(tiny_world.recipe(world, out, train={"max_steps": 1, "resume": "never"}))
+    (previous,) = (out / "previous-runs").iterdir()
+    assert _steps(previous / "checkpoints") == ["step-00000002", "step-00000003"]
+    assert json.loads((previous / "merged" / MERGE_INFO).read_text())["step"] == 3
+    assert _steps(out / "checkpoints") == ["step-00000001"]
+    assert json.loads((out / "merged" / MERGE_INFO).read_text())["step"] == 1
+
+
 # ---------------------------------------------------------------- pruning
 def test_pruning_keeps_the_checkpoint_just_written_and_what_latest_names(tmp_path):
     root = tmp_path / "checkpoints"

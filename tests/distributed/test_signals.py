@@ -78,8 +78,7 @@ def _finish(proc, err: Path) -> str:
 
 @pytest.fixture
 def recipe(world, tmp_path):
-    raw = recipe_dict(world, tmp_path / "run", train={"max_steps": 1000, "checkpoint_every": 1000, "log_every": 1,
-                                                          "resume": "auto"})
+    raw = recipe_dict(world, tmp_path / "run", train={"max_steps": 1000, "checkpoint_every": 1000, "log_every": 1})
     return write_recipe(tmp_path / "tiny.yaml", raw)
 
 
