@@ -114,12 +114,9 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
         if aside.exists():  # left by a crash after the new folder was in place: stale
             shutil.rmtree(aside)
         os.replace(final, aside)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)  # the older folder (or one a crash left aside): superseded
 
 
 def restore_replaced(final: str | os.PathLike) -> bool:
