@@ -68,8 +68,13 @@ def write_tokenizer(folder: Path, words=WORDS) -> Path:
 
 def make_tiny_pipeline(folder: str | Path, arch: str = "sdxl", seed: int = 0, prediction_type: str = "epsilon"):
     """Save a tiny random SD1.5- or SDXL-shaped pipeline folder and return the pipeline."""
-    from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = Path(folder)

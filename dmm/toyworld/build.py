@@ -1,12 +1,15 @@
 """Build a toy world from a seed: data, tokenizer, CLIP, VAE, base UNet, teachers, classifier, report.
 
     python -m dmm.toyworld.build --out assets/toyworld [--arch sdxl|sd15] [--styles flat,outline,neon,pixel]
-                                 [--scale tiny|full] [--seed 0] [--jobs 2] [--cache DIR]
+                                 [--scale tiny|full] [--seed 0] [--jobs 2] [--cache DIR] [--plugin my_styles.py]
 
-Every stage writes into a cache folder (atomically, with a `done.json` marker), so an interrupted
-build resumes where it stopped. Independent stages run as single-thread worker processes in
-parallel (on 2 shared cores, two 1-thread processes beat one 2-thread process). The final world
-folder is assembled in a temporary folder and moved into place with `os.replace`.
+Each stage is declared with `@stage(name, needs=(...))`: the stages whose outputs it reads. A
+small runner orders them topologically (ties in declaration order) and runs the ones not done yet;
+a stage whose inputs have not finished is refused with their names. Every stage writes into a
+cache folder (atomically, with a `done.json` marker), so an interrupted build resumes stage by
+stage. With `--jobs N`, ready stages run in N single-thread worker processes (on 2 shared cores,
+two 1-thread processes beat one 2-thread process); a stage marked `exclusive` (the data-parallel
+base) runs alone. The world folder is assembled in a temporary folder and moved into place.
 """
 from __future__ import annotations
 
@@ -17,12 +20,16 @@ import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+
+from dmm.io import atomic_write_json, atomic_write_text, replace_dir
+from dmm.registry import load_plugin
 
 from .content import ATTRIBUTES, all_captions, attribute_values, vocabulary
 from .models import ARCHS, ClipConfig, UNetConfig
@@ -59,6 +66,7 @@ class BuildConfig:
     jobs: int = 2
     threads: int = 1
     progress: bool = True
+    plugins: list[str] = field(default_factory=list)  # modules / .py files registering styles (see styles.py)
     clip: ClipConfig = field(default_factory=ClipConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
 
@@ -83,11 +91,21 @@ def make_config(out: str, scale: str = "full", **overrides) -> BuildConfig:
     if scale == "tiny":
         cfg = replace(cfg, **TINY)
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "plugins" in overrides:  # before the styles are checked: a plugin may register them
+        overrides["plugins"] = [str(Path(p).resolve()) if str(p).endswith(".py") else str(p)
+                                for p in overrides["plugins"]]
+        load_plugins(overrides["plugins"])
     if "styles" in overrides:
         overrides["styles"] = parse_styles(overrides["styles"])
     if overrides.get("arch", cfg.arch) not in ARCHS:
-        raise ValueError(f"arch must be one of {ARCHS}")
+        raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {overrides['arch']!r}")
     return replace(cfg, **overrides)
+
+
+def load_plugins(plugins: list[str]) -> None:
+    """Import the user modules that register styles (again in each spawned worker process)."""
+    for spec in plugins:
+        load_plugin(spec)
 
 
 def default_cache(cfg: BuildConfig) -> Path:
@@ -95,11 +113,91 @@ def default_cache(cfg: BuildConfig) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ plumbing
+class StageError(RuntimeError):
+    """A stage graph that cannot run: unknown or missing inputs, or a cycle; the message names them."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One build step: `fn(stages, out_dir)` (`fn(stages, out_dir, style)` for a per-style stage)
+    writes its outputs into `out_dir`; `needs` names the stages whose outputs it reads."""
+
+    name: str
+    fn: Callable
+    needs: tuple[str, ...] = ()
+    exclusive: bool = False  # uses every worker itself: runs alone, in the main process
+    style: str | None = None
+
+    def call(self, stages: Stages, out: Path) -> dict | None:
+        return self.fn(stages, out) if self.style is None else self.fn(stages, out, self.style)
+
+
+_DECLARED: list[Stage] = []
+
+
+def stage(name: str, *, needs: tuple[str, ...] = (), exclusive: bool = False):
+    """Declare a build stage. A name with `{style}` is one stage per built style; in `needs`,
+    `{style}` means that same style in a per-style stage and every built style otherwise."""
+
+    def wrap(fn: Callable) -> Callable:
+        _DECLARED.append(Stage(name, fn, tuple(needs), exclusive))
+        return fn
+
+    return wrap
+
+
+def stage_graph(styles: list[str]) -> dict[str, Stage]:
+    """The declared stages for these styles, per-style templates expanded, in declaration order."""
+    graph: dict[str, Stage] = {}
+
+    def expand(needs: tuple[str, ...], style: str | None) -> tuple[str, ...]:
+        out: list[str] = []
+        for need in needs:
+            if "{style}" not in need:
+                out.append(need)
+            else:
+                out.extend(need.format(style=st) for st in ([style] if style else styles))
+        return tuple(out)
+
+    for decl in _DECLARED:
+        for st in (styles if "{style}" in decl.name else [None]):
+            name = decl.name.format(style=st) if st else decl.name
+            graph[name] = replace(decl, name=name, needs=expand(decl.needs, st), style=st)
+    return graph
+
+
+def plan(graph: dict[str, Stage], targets: list[str] | None = None) -> list[str]:
+    """Topological order of `targets` and everything they need (default: every stage); among
+    stages ready at the same time, declaration order. Unknown names and cycles are errors."""
+    for st in graph.values():
+        unknown = [n for n in st.needs if n not in graph]
+        if unknown:
+            raise StageError(f"stage {st.name!r} needs {unknown}, which no stage declares; declared: {list(graph)}")
+    wanted: set[str] = set()
+    stack = list(graph) if targets is None else list(targets)
+    while stack:
+        name = stack.pop()
+        if name not in graph:
+            raise StageError(f"no stage {name!r}; declared: {list(graph)}")
+        if name not in wanted:
+            wanted.add(name)
+            stack.extend(graph[name].needs)
+    order: list[str] = []
+    while len(order) < len(wanted):
+        ready = [n for n in graph if n in wanted and n not in order and all(d in order for d in graph[n].needs)]
+        if not ready:
+            stuck = sorted(wanted - set(order))
+            raise StageError(f"the stages {stuck} need each other (a cycle); fix their needs")
+        order.append(ready[0])
+    return order
+
+
 class Stages:
     """Stage outputs in the cache folder; `run` skips a stage whose `done.json` exists."""
 
     def __init__(self, cfg: BuildConfig, cache: Path):
         self.cfg, self.cache = cfg, Path(cache)
+        self.graph = stage_graph(cfg.styles)
 
     def dir(self, name: str) -> Path:
         return self.cache / name
@@ -109,9 +207,15 @@ class Stages:
         return json.loads(marker.read_text()) if marker.exists() else None
 
     def run(self, name: str) -> dict:
+        """Run stage `name` unless it is done; its inputs must have finished (else StageError naming them)."""
         record = self.done(name)
         if record is not None:
             return record
+        st = self.graph[name]
+        missing = [n for n in st.needs if self.done(n) is None]
+        if missing:
+            raise StageError(f"stage {name!r} needs {missing}, which have not finished in {self.cache}; "
+                             "run them first (build() runs every stage in order and resumes)")
         import torch
 
         torch.set_num_threads(self.cfg.threads)
@@ -120,12 +224,10 @@ class Stages:
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         t0 = time.time()
-        metrics = STAGES[name](self, tmp) or {}
+        metrics = st.call(self, tmp) or {}
         record = {"stage": name, "wall_s": round(time.time() - t0, 1), "metrics": metrics}
-        (tmp / "done.json").write_text(json.dumps(record, indent=1))
-        if self.dir(name).exists():
-            shutil.rmtree(self.dir(name))
-        os.replace(tmp, self.dir(name))
+        atomic_write_text(tmp / "done.json", json.dumps(record, indent=1))
+        replace_dir(tmp, self.dir(name))
         return record
 
     # loaders of finished stages
@@ -182,29 +284,44 @@ class Stages:
         return make_pipeline(self.cfg.arch, self.tokenizer(), self.text_encoders(), self.vae(), unet)
 
 
-def _lane(cfg: BuildConfig, cache: str, names: list[str]) -> dict:
-    """Run stages in order in this process (a worker process of the pool, or the main one)."""
-    stages = Stages(cfg, Path(cache))
-    return {n: stages.run(n) for n in names}
+def _run_in_worker(cfg: BuildConfig, cache: str, name: str) -> dict:
+    """Run one stage in a (spawned, single-thread) worker process."""
+    load_plugins(cfg.plugins)
+    return Stages(cfg, Path(cache)).run(name)
 
 
-def run_lanes(stages: Stages, lanes: list[list[str]]) -> dict:
-    """Run lanes (lists of stages) in parallel worker processes, each single-threaded."""
-    lanes = [lane for lane in lanes if lane]
-    todo = [lane for lane in lanes if any(stages.done(n) is None for n in lane)]
-    results: dict = {}
+def run_stages(stages: Stages, targets: list[str] | None = None) -> dict:
+    """Run (or resume) `targets` and their inputs in dependency order; returns every stage's record.
+
+    With `jobs > 1`, stages whose inputs are done run side by side in `jobs` worker processes; an
+    exclusive stage waits until nothing else runs and then runs in this process. Each stage is
+    seeded on its own, so the schedule never changes a result."""
+    order = plan(stages.graph, targets)
+    records = {n: stages.done(n) for n in order}
+    todo = [n for n in order if records[n] is None]
     if stages.cfg.jobs <= 1 or len(todo) <= 1:
-        for lane in lanes:
-            results.update(_lane(stages.cfg, str(stages.cache), lane))
-        return results
-    with ProcessPoolExecutor(max_workers=min(stages.cfg.jobs, len(todo)), mp_context=get_context("spawn")) as ex:
-        futures = [ex.submit(_lane, stages.cfg, str(stages.cache), lane) for lane in todo]
-        for f in futures:
-            results.update(f.result())
-    for lane in lanes:
-        for n in lane:
-            results.setdefault(n, stages.done(n))
-    return results
+        for n in todo:
+            records[n] = stages.run(n)
+        return records
+    with ProcessPoolExecutor(max_workers=stages.cfg.jobs, mp_context=get_context("spawn")) as ex:
+        running: dict = {}
+        while todo or running:
+            ready = [n for n in todo if all(records[d] is not None for d in stages.graph[n].needs)]
+            for n in ready:
+                if stages.graph[n].exclusive:
+                    if not running:
+                        todo.remove(n)
+                        records[n] = stages.run(n)
+                    break
+                if len(running) >= stages.cfg.jobs:
+                    break
+                todo.remove(n)
+                running[ex.submit(_run_in_worker, stages.cfg, str(stages.cache), n)] = n
+            if running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    records[running.pop(f)] = f.result()
+    return records
 
 
 def _save_tensors(path: Path, tensors: dict) -> None:
@@ -220,6 +337,7 @@ def _load_tensors(path: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- stages
+@stage("tokenizer")
 def stage_tokenizer(s: Stages, out: Path) -> dict:
     from .tokenizer import build_tokenizer, check_tokenizer
 
@@ -232,6 +350,7 @@ def stage_tokenizer(s: Stages, out: Path) -> dict:
     return {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id}
 
 
+@stage("data")
 def stage_data(s: Stages, out: Path) -> dict:
     """Rendered training images (round-robin styles) and a held-out set for the classifier."""
     from .render import render_arrays
@@ -254,6 +373,7 @@ def stage_data(s: Stages, out: Path) -> dict:
     return {"images": n, "test_images": len(test)}
 
 
+@stage("clip", needs=("tokenizer",))
 def stage_clip(s: Stages, out: Path) -> dict:
     import torch
 
@@ -270,6 +390,7 @@ def stage_clip(s: Stages, out: Path) -> dict:
     return {"top1_of_64": clip_top1(clip, tok, cfg.styles, cfg.seed + 2), "params": count_params(clip)}
 
 
+@stage("vae", needs=("data",))
 def stage_vae(s: Stages, out: Path) -> dict:
     import torch
 
@@ -315,6 +436,7 @@ def _classifier_test(model, d) -> dict:
     return {a: float((pred[a] == torch.from_numpy(d[f"test_{a}"])).float().mean()) for a in ("style", *ATTRIBUTES)}
 
 
+@stage("classifier_render", needs=("data",))
 def stage_classifier_render(s: Stages, out: Path) -> dict:
     """Classifier trained on rendered images only (with generated-image-like augmentation)."""
     import torch
@@ -330,6 +452,7 @@ def stage_classifier_render(s: Stages, out: Path) -> dict:
     return {"render_test_accuracy": _classifier_test(model, d)}
 
 
+@stage("cond", needs=("tokenizer", "clip", "vae", "data"))
 def stage_cond(s: Stages, out: Path) -> dict:
     """Cache caption conditioning (via the pipeline's encode_prompt) and the training latents."""
     import torch
@@ -343,7 +466,7 @@ def stage_cond(s: Stages, out: Path) -> dict:
     scale = 1.0
     if cfg.arch == "sdxl":  # fold 1/RMS of the pooled embedding into text_projection
         scale = 1.0 / pooled_rms(text_encoders_from_clip(clip)[1], tok)
-    (out / "cond.json").write_text(json.dumps({"pooled_scale": scale}))
+    atomic_write_json(out / "cond.json", {"pooled_scale": scale})
     pipe = make_pipeline(cfg.arch, tok, text_encoders_from_clip(clip, scale), vae, unet=_new_unet(cfg))
     table = encode_captions(pipe, all_captions(), cfg.resolution)
     _save_tensors(out / "table.safetensors", table.state_dict())
@@ -388,6 +511,7 @@ def _base_worker(rank: int, cfg: BuildConfig, cache: str, out: str, world: int) 
         dist.destroy_process_group()
 
 
+@stage("base", needs=("cond",), exclusive=True)
 def stage_base(s: Stages, out: Path) -> dict:
     """Base UNet on style-mixed data; data-parallel over `jobs` single-thread processes (gloo)."""
     from .models import count_params
@@ -426,33 +550,34 @@ def _generate_sets(s: Stages, unet, out: Path, with_train: bool) -> None:
     _save_tensors(out / "samples.safetensors", sets)
 
 
-def make_teacher_stage(style: str):
-    def stage_teacher(s: Stages, out: Path) -> dict:
-        """Fine-tune the base on one style only (captions never name it), then sample from it."""
-        import torch
+@stage("teacher_{style}", needs=("base", "tokenizer", "clip", "vae", "cond"))
+def stage_teacher(s: Stages, out: Path, style: str) -> dict:
+    """Fine-tune the base on one style only (captions never name it), then sample from it."""
+    import torch
 
-        from .train import train_unet
+    from .train import train_unet
 
-        cfg = s.cfg
-        lat, table = s.latents(), s.table()
-        keep = lat["style"] == cfg.styles.index(style)
-        k = cfg.styles.index(style)
-        torch.manual_seed(cfg.seed + 10 + k)
-        unet = train_unet(s.unet("base"), lat["latents"][keep], lat["caption_row"][keep], table,
-                          cfg.teacher_steps, cfg.seed + 10 + k, lr=cfg.teacher_lr,
-                          warmup=min(20, cfg.teacher_steps // 10 + 1), batch_size=cfg.batch_size,
-                          ema_decay=0.99, desc=f"teacher {style}", progress=cfg.progress)
-        unet.save_pretrained(str(out / "unet"))
-        _generate_sets(s, unet, out, with_train=True)
-        return {}
-    return stage_teacher
+    cfg = s.cfg
+    lat, table = s.latents(), s.table()
+    keep = lat["style"] == cfg.styles.index(style)
+    k = cfg.styles.index(style)
+    torch.manual_seed(cfg.seed + 10 + k)
+    unet = train_unet(s.unet("base"), lat["latents"][keep], lat["caption_row"][keep], table,
+                      cfg.teacher_steps, cfg.seed + 10 + k, lr=cfg.teacher_lr,
+                      warmup=min(20, cfg.teacher_steps // 10 + 1), batch_size=cfg.batch_size,
+                      ema_decay=0.99, desc=f"teacher {style}", progress=cfg.progress)
+    unet.save_pretrained(str(out / "unet"))
+    _generate_sets(s, unet, out, with_train=True)
+    return {}
 
 
+@stage("base_samples", needs=("base", "tokenizer", "clip", "vae", "cond"))
 def stage_base_samples(s: Stages, out: Path) -> dict:
     _generate_sets(s, s.unet("base"), out, with_train=False)
     return {}
 
 
+@stage("classifier", needs=("classifier_render", "data", "vae", "teacher_{style}"))
 def stage_classifier(s: Stages, out: Path) -> dict:
     """Fine-tune the render-only classifier on rendered images, VAE round trips of some of them and
     a few samples of each teacher (style label only), so it is trusted on generated images.
@@ -495,6 +620,7 @@ def _sample_report(model, images, contents, own: int | None, styles: list[str]) 
     return rep
 
 
+@stage("report", needs=("classifier", "classifier_render", "base_samples", "teacher_{style}"))
 def stage_report(s: Stages, out: Path) -> dict:
     """Judge every teacher (own-style accuracy) and the base on held-out samples."""
     from .classifier import ToyClassifier
@@ -514,19 +640,6 @@ def stage_report(s: Stages, out: Path) -> dict:
     base = _sample_report(final, _load_tensors(s.dir("base_samples") / "samples.safetensors")["eval"], contents,
                           None, cfg.styles)
     return {"teachers": teachers, "base": base}
-
-
-STAGES = {"tokenizer": stage_tokenizer, "data": stage_data, "clip": stage_clip, "vae": stage_vae,
-          "classifier_render": stage_classifier_render, "cond": stage_cond, "base": stage_base,
-          "base_samples": stage_base_samples, "classifier": stage_classifier, "report": stage_report}
-for _style in list_styles():
-    STAGES[f"teacher_{_style}"] = make_teacher_stage(_style)
-
-
-def _register_custom_styles(styles: list[str]) -> None:
-    for st in styles:
-        if f"teacher_{st}" not in STAGES:
-            STAGES[f"teacher_{st}"] = make_teacher_stage(st)
 
 
 # ------------------------------------------------------------------------------------------ assemble
@@ -590,14 +703,8 @@ def assemble(s: Stages, records: dict, wall_s: float, stages_s: float, command: 
                           "this_run_wall_before_assembly": round(wall_s, 1)},
             "build": {"command": command, "config": _jsonable(asdict(cfg))},
         }
-        (tmp / WORLD_JSON).write_text(json.dumps(meta, indent=1))
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old)
+        atomic_write_text(tmp / WORLD_JSON, json.dumps(meta, indent=1))
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -617,18 +724,11 @@ def build(cfg: BuildConfig, cache: str | os.PathLike | None = None, command: str
     import torch
 
     torch.set_num_threads(cfg.threads)
-    _register_custom_styles(cfg.styles)
+    load_plugins(cfg.plugins)
     stages = Stages(cfg, (Path(cache) if cache else default_cache(cfg)).resolve())
     stages.cache.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    rec: dict = {}
-    teachers = [f"teacher_{st}" for st in cfg.styles]
-    rec.update(run_lanes(stages, [["tokenizer", "data"]]))
-    rec.update(run_lanes(stages, [["clip"], ["vae"]]))
-    rec.update(run_lanes(stages, [["cond", "base"]]))  # base: data-parallel over both workers
-    lanes = [teachers[0::2] + ["classifier_render"], teachers[1::2] + ["base_samples"]]
-    rec.update(run_lanes(stages, lanes))
-    rec.update(run_lanes(stages, [["classifier", "report"]]))
+    rec = run_stages(stages)
     total = sum(r["wall_s"] for r in rec.values())  # a resumed build: stage times from the first run
     wall = time.time() - t0
     out = assemble(stages, rec, wall, total, command)
@@ -640,17 +740,19 @@ def build(cfg: BuildConfig, cache: str | os.PathLike | None = None, command: str
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(prog="python -m dmm.toyworld.build", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="assets/toyworld")
-    p.add_argument("--arch", choices=ARCHS, default="sdxl")
+    p.add_argument("--arch", choices=sorted(ARCHS), default="sdxl")
     p.add_argument("--styles", default=None, help="comma-separated registered styles (default: %(default)s)")
     p.add_argument("--scale", choices=("tiny", "full"), default="full")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=None, help="parallel single-thread worker processes")
     p.add_argument("--cache", default=None, help="intermediate folder (default .cache/toyworld/<config>)")
+    p.add_argument("--plugin", action="append", default=None, metavar="MODULE_OR_FILE.py",
+                   help="a module or .py file that registers styles (repeatable); see dmm/toyworld/styles.py")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = make_config(a.out, a.scale, arch=a.arch, styles=a.styles, seed=a.seed, jobs=a.jobs,
-                      progress=False if a.no_progress else None)
+                      progress=False if a.no_progress else None, plugins=a.plugin)
     command = "python -m dmm.toyworld.build " + " ".join(argv if argv is not None else sys.argv[1:])
     return build(cfg, a.cache, command)
 

@@ -9,8 +9,7 @@ import numpy as np
 from PIL import Image
 
 from .content import Content
-from .draw import (RESOLUTION, SUPERSAMPLE, Geometry, blur, composite, geometry, shape_mask, solid,  # noqa: F401
-                   to_image)
+from .draw import RESOLUTION, SUPERSAMPLE, Geometry, blur, composite, geometry, shape_mask, solid, to_image  # noqa: F401
 from .styles import get_style
 
 

@@ -18,7 +18,7 @@ this makes the style classifier robust on generated images. Styles sit above `dr
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
