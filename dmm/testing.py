@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from dmm.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from dmm.models.arch import get_arch, unet_config
 
 WORDS = ["a", "red", "green", "blue", "circle", "square", "triangle", "small", "large", "on", "the", "left", "right"]
 TEXT_DIM = 32
@@ -29,8 +30,6 @@ def tiny_unet_config(arch: str = "sdxl") -> dict:
     """The unit tests' UNet (a few hundred thousand parameters), from the one factory
     `dmm.models.arch.unet_config`. Conv projections even for SDXL: the tests' seeded weights
     (and their recorded numbers) were made that way."""
-    from dmm.models.arch import unet_config
-
     return unet_config(arch, text_dim=TEXT_DIM, sample_size=8, use_linear_projection=False)
 
 
@@ -89,7 +88,7 @@ def make_tiny_pipeline(folder: str | Path, arch: str = "sdxl", seed: int = 0, pr
                         norm_num_groups=4, sample_size=16)
     scheduler = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", prediction_type=prediction_type, steps_offset=1)
     unet = UNet2DConditionModel(**tiny_unet_config(arch))
-    if arch == "sdxl":
+    if get_arch(arch).uses_text_time:  # two text encoders, pooled text and size ids
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(text_cfg), text_encoder_2=
                                          CLIPTextModelWithProjection(text_cfg), tokenizer=tokenizer,
                                          tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from dmm.io import atomic_write_json, atomic_write_text, replace_dir
+from dmm.models.arch import get_arch
 from dmm.registry import load_plugin
 
 from .content import ATTRIBUTES, all_captions, attribute_values, vocabulary
@@ -464,7 +465,7 @@ def stage_cond(s: Stages, out: Path) -> dict:
     cfg = s.cfg
     tok, clip, vae = s.tokenizer(), s.clip(), s.vae()
     scale = 1.0
-    if cfg.arch == "sdxl":  # fold 1/RMS of the pooled embedding into text_projection
+    if get_arch(cfg.arch).uses_text_time:  # fold 1/RMS of the pooled embedding into text_projection
         scale = 1.0 / pooled_rms(text_encoders_from_clip(clip)[1], tok)
     atomic_write_json(out / "cond.json", {"pooled_scale": scale})
     pipe = make_pipeline(cfg.arch, tok, text_encoders_from_clip(clip, scale), vae, unet=_new_unet(cfg))
