@@ -36,8 +36,9 @@ from pathlib import Path
 import yaml
 
 from dmm.schema import ConfigError
-from eval.features import RESIZE_MODES, FeatureConfig
+from eval.features import FEATURE_EXTRACTORS, RESIZE_MODES, FeatureConfig
 from eval.generate import NEGATIVE_PROMPT, ModelFolderError
+from eval.metrics import METRICS
 from eval.plan import REPO_ROOT, SuiteConfig, recipe_toyworld, teachers_from_recipe
 from eval.scores import AESTHETIC_WEIGHTS_NAME
 
@@ -60,9 +61,16 @@ def _option(text: str) -> tuple[str, str, object]:
     return name, field, yaml.safe_load(value)
 
 
+def _registered() -> str:
+    """The built-in metrics and feature extractors with their options (plugins add to these)."""
+    return (f"registered metrics (--metric NAME, --metric-option NAME.KEY=VALUE):\n{METRICS.describe()}\n\n"
+            f"registered feature extractors (--features NAME, --feature-option KEY=VALUE):\n"
+            f"{FEATURE_EXTRACTORS.describe()}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m eval.suite", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m eval.suite", description=__doc__, epilog=_registered(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("models")
     g.add_argument("--merged", required=True, help="dmm merged model folder (unet/ is a StyleUNet2DConditionModel)")
     g.add_argument("--teacher", action="append", type=_kv, default=[], metavar="NAME=PATH",

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from dmm.io import atomic_write_bytes, atomic_write_text  # re-exported
-from dmm.sampling import sample_images
+from dmm.sampling import check_sampling, sample_images
 
 __all__ = [
     "NEGATIVE_PROMPT",
@@ -226,6 +226,7 @@ class GenerationCache:
                  progress: Callable[[str, int, int], None] | None = None):
         self.root = Path(root)
         self.sampling = sampling or SamplingConfig()
+        check_sampling(self.sampling.steps, self.sampling.guidance_scale, self.sampling.batch_size)
         self._loader = loader or self._default_loader
         self._pipes: dict[tuple[str, str], object] = {}
         self._fingerprints: dict[str, str] = {}
@@ -297,7 +298,7 @@ class GenerationCache:
             if names[i] not in seen:
                 seen.add(names[i])
                 unique.append(i)
-        bs = max(1, self.sampling.batch_size)
+        bs = self.sampling.batch_size
         for start in range(0, len(unique), bs):
             idx = unique[start : start + bs]
             images = self._sample(s, [s.prompts[i] for i in idx], [s.seeds[i] for i in idx])
