@@ -47,8 +47,9 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except StopRequested as stop:  # SIGINT/SIGTERM: the checkpoint is written; say how to go on
-        print(f"stopped by {signal_name(stop.signum)} at step {stop.step}, checkpoint {stop.checkpoint}; "
-              f"{resume_hint()}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line, not one per rank
+            print(f"stopped by {signal_name(stop.signum)} at step {stop.step}, checkpoint {stop.checkpoint}; "
+                  f"{resume_hint()}", file=sys.stderr)
         return exit_code(stop.signum)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print(f"aborted by Ctrl-C: nothing saved since the last checkpoint; {resume_hint()}", file=sys.stderr)
