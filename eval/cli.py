@@ -174,7 +174,7 @@ def config_from_args(args) -> SuiteConfig:
 
 
 def main(argv=None) -> int:
-    from eval.suite import run_suite
+    from eval.run import run_suite
 
     args = build_parser().parse_args(argv)
     try:

@@ -29,7 +29,7 @@ from eval.metrics import MetricContext, prepare_metrics, score_sets, style_accur
 from eval.plan import Plan, SuiteConfig, make_plan, recipe_toyworld, teachers_from_recipe
 from eval.report import image_grid, package_versions, plot_fid_heatmaps, safe_name, write_json, write_markdown
 
-__all__ = ["SuiteConfig", "main", "recipe_toyworld", "run_suite", "teachers_from_recipe"]
+__all__ = ["SuiteConfig", "recipe_toyworld", "run_suite", "teachers_from_recipe"]
 
 INTERP_WEIGHTS = [round(0.1 * k, 1) for k in range(11)]
 
@@ -155,15 +155,3 @@ def run_suite(cfg: SuiteConfig) -> dict:
     write_json(out / "report.json", report)
     write_markdown(out / "report.md", report)
     return report
-
-
-def main(argv=None) -> int:
-    """`python -m eval.suite` (see `eval.cli`)."""
-    from eval.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    torch.set_grad_enabled(False)
-    raise SystemExit(main())

@@ -37,7 +37,7 @@ def test_launcher_rejects_a_misspelt_key_with_the_closest_one():
            "--set", "train.max_step=3"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert "unknown recipe key 'train.max_step'; did you mean 'max_steps'?" in done.stderr
+    assert "unknown key 'train.max_step'; did you mean 'max_steps'?" in done.stderr
 
 
 @pytest.mark.parametrize("style", ["anime"])
