@@ -99,7 +99,7 @@ def make_config(out: str, scale: str = "full", **overrides) -> BuildConfig:
     if "styles" in overrides:
         overrides["styles"] = parse_styles(overrides["styles"])
     if overrides.get("arch", cfg.arch) not in ARCHS:
-        raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {overrides['arch']!r}")
+        raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {overrides.get('arch')!r}")
     return replace(cfg, **overrides)
 
 
