@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -219,8 +220,9 @@ class Crash(BaseException):
 
 
 @contextlib.contextmanager
-def crash_at(k: int | None):
-    """Count every filesystem mutation; raise Crash instead of performing the k-th one."""
+def crash_at(k: int | None, kill: bool = False):
+    """Count every filesystem mutation; instead of performing the k-th one raise Crash or, with
+    `kill`, SIGKILL this process (no handler, no cleanup runs)."""
     calls = [0]
     patched = [(os, "replace"), (os, "rename"), (os, "mkdir"), (os, "unlink"), (os, "rmdir"), (shutil, "rmtree")]
     originals = [(mod, name, getattr(mod, name)) for mod, name in patched]
@@ -229,6 +231,8 @@ def crash_at(k: int | None):
         def op(*args, **kwargs):
             calls[0] += 1
             if calls[0] == k:
+                if kill:
+                    os.kill(os.getpid(), signal.SIGKILL)
                 raise Crash(f"crash at operation {k}")
             return real(*args, **kwargs)
         return op
@@ -242,8 +246,25 @@ def crash_at(k: int | None):
             setattr(mod, name, real)
 
 
+def _crash_in_save(root: Path, step: int, engine, k: int, kill: bool) -> None:
+    if not kill:
+        with crash_at(k), pytest.raises(Crash):
+            _save(CheckpointManager(root, keep_last=2), step, engine)
+        return
+    pid = os.fork()  # a real process killed at operation k
+    if pid == 0:
+        try:
+            with crash_at(k, kill=True):
+                _save(CheckpointManager(root, keep_last=2), step, engine)
+        finally:
+            os._exit(3)  # not killed: the count was wrong
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (k, status)
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["raise", "sigkill"])
 @pytest.mark.parametrize("new_step", [4, 3], ids=["new-step", "replace-latest"])
-def test_a_crash_anywhere_in_a_save_loses_no_complete_checkpoint(tmp_path, new_step):
+def test_a_crash_anywhere_in_a_save_loses_no_complete_checkpoint(tmp_path, new_step, kill):
     base = tmp_path / "base"
     mgr = CheckpointManager(base / "checkpoints", keep_last=2)
     for step in (1, 2, 3):
@@ -262,8 +283,7 @@ def test_a_crash_anywhere_in_a_save_loses_no_complete_checkpoint(tmp_path, new_s
         run = tmp_path / f"crash{k}"
         shutil.copytree(base, run)
         root = run / "checkpoints"
-        with crash_at(k), pytest.raises(Crash):
-            _save(CheckpointManager(root, keep_last=2), new_step, engine)
+        _crash_in_save(root, new_step, engine, k, kill)
         after = CheckpointManager(root, keep_last=2)
         after.recover()
         latest = after.latest(quiet=True)
