@@ -421,16 +421,14 @@ def main(argv=None) -> int:
             print(explain_recipe(args.explain, args.overrides))
         else:
             print(explain_keys(args.explain))
-            if args.explain in ("", "distributed"):
-                from dmm.registry import get_registry
+            from dmm.registry import get_registry
 
-                print("\nengines (distributed.engine, options under distributed.options):")
-                print(get_registry("engine").describe())
-            if args.explain in ("", "teachers"):
-                from dmm.registry import get_registry
-
-                print("\nteacher formats (teachers[].format, options under teachers[].options):")
-                print(get_registry("teacher format").describe())
+            for section, kind, where in (("distributed", "engine", "distributed.engine, options under "
+                                          "distributed.options"),
+                                         ("teachers", "teacher format", "teachers[].format, options under "
+                                          "teachers[].options")):
+                if args.explain in ("", section):
+                    print(f"\n{kind}s ({where}):\n{get_registry(kind).describe()}")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

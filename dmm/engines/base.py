@@ -76,14 +76,24 @@ class Engine(ABC):
         return obj
 
 
-def clip_and_step(model: nn.Module, optimizer, scheduler, max_norm: float) -> float:
-    """Clip, step the optimizer and the lr schedule, zero the grads; returns the pre-clip norm.
-    Shared by the engines that own a plain torch optimizer (single process, FSDP2)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2: the norm over every shard
-        norm = norm.full_tensor()
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+class TorchOptimizerEngine(Engine):
+    """An engine whose models step plain torch optimizers (single process, FSDP2): backward is
+    autograd's, a step clips, steps the optimizer and the lr schedule, and zeroes the grads.
+    Subclasses fill `models`, `optimizers` and `schedulers` in `prepare`."""
+
+    models: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, object]
+
+    def backward(self, which, loss):
+        loss.backward()
+
+    def step(self, which, max_norm):
+        params = [p for p in self.models[which].parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2: the norm over every shard
+            norm = norm.full_tensor()
+        self.optimizers[which].step()
+        self.schedulers[which].step()
+        self.optimizers[which].zero_grad(set_to_none=True)
+        return float(norm)

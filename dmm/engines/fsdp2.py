@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 from dmm.distributed import init_process_group
 from dmm.distributed.collective import ProcessGroupCollectives
 from dmm.distributed.env import device_for
-from dmm.engines.base import ENGINES, Engine, clip_and_step
+from dmm.engines.base import ENGINES, TorchOptimizerEngine
 from dmm.io import atomic_torch_save
 
 
@@ -52,7 +52,7 @@ def _rebuild_optimizer(old: torch.optim.Optimizer, names_before: dict[int, str],
 
 @ENGINES.register("fsdp2", description="PyTorch FSDP2: fully_shard per UNet block, root last, "
                   "torch.distributed.checkpoint")
-class FSDP2Engine(ProcessGroupCollectives, Engine):
+class FSDP2Engine(ProcessGroupCollectives, TorchOptimizerEngine):
     name = "fsdp2"
 
     def __init__(self, recipe, options=None):
@@ -89,12 +89,6 @@ class FSDP2Engine(ProcessGroupCollectives, Engine):
             schedulers[which].optimizer = optimizer
             self.models[which], self.optimizers[which] = model, optimizer
         return dict(self.models)
-
-    def backward(self, which, loss):
-        loss.backward()
-
-    def step(self, which, max_norm):
-        return clip_and_step(self.models[which], self.optimizers[which], self.schedulers[which], max_norm)
 
     # ------------------------------------------------------------------ state
     def save(self, folder: Path) -> None:

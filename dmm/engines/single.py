@@ -8,12 +8,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dmm.engines.base import ENGINES, Engine, clip_and_step
+from dmm.engines.base import ENGINES, TorchOptimizerEngine
 from dmm.io import atomic_torch_save
 
 
 @ENGINES.register("none", description="one process, plain PyTorch (CUDA when present): the reference engine")
-class SingleProcessEngine(Engine):
+class SingleProcessEngine(TorchOptimizerEngine):
     name = "none"
 
     def __init__(self, recipe=None, options=None):
@@ -23,12 +23,6 @@ class SingleProcessEngine(Engine):
     def prepare(self, models, optimizers, schedulers):
         self.models, self.optimizers, self.schedulers = models, optimizers, schedulers
         return models
-
-    def backward(self, which, loss):
-        loss.backward()
-
-    def step(self, which, max_norm):
-        return clip_and_step(self.models[which], self.optimizers[which], self.schedulers[which], max_norm)
 
     def save(self, folder: Path) -> None:
         for which, model in self.models.items():
