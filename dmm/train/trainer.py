@@ -58,8 +58,8 @@ class DistillationTrainer:
         self.stop_flag = stop_flag  # callable -> bool, checked at step boundaries (preemption)
         self.out = Path(recipe.train.output_dir)
         self.num_styles = len(recipe.style_names)
-        self.device = self.engine.device
         self._build_layout()  # refuses impossible layouts and missing files before loading any model
+        self.device = self.engine.device
         torch.manual_seed(recipe.train.seed)
         self.base = self._build_base()
         self.use_adv = recipe.loss.lambda_adv > 0
@@ -82,7 +82,7 @@ class DistillationTrainer:
         self.local_teachers = self.layout.teachers_for_rank(self.engine.rank)
         # One style vector per gradient-accumulation micro-step (teachers rotate through them; layout.py).
         self.micro_styles = [torch.tensor(self.layout.styles_for_batch(self.engine.rank, r.data.batch_size, m),
-                                          device=self.device) for m in range(self.accum_steps)]
+                                          device=self.engine.device) for m in range(self.accum_steps)]
         self.batch_styles = self.micro_styles[0]
         # Collective: a teacher missing on one rank (node) stops every rank with the same message.
         agree(check_teacher_paths, [r.teachers[i] for i in self.local_teachers], what="teacher check",
