@@ -50,7 +50,7 @@ def full_size_pipeline(folder: Path, arch: str) -> Path:
     from dmm.testing import write_tokenizer
 
     torch.manual_seed(0)
-    tok = CLIPTokenizer.from_pretrained(str(write_tokenizer(folder / "_tokenizer_src")))
+    tok = CLIPTokenizer.from_pretrained(str(write_tokenizer(folder / "_tokenizer_src")), local_files_only=True)
 
     def text(hidden, proj=False):
         cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=1,

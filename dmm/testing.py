@@ -60,7 +60,8 @@ def write_tokenizer(folder: Path, words=WORDS) -> Path:
     atomic_write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
     from transformers import CLIPTokenizer
 
-    tok = CLIPTokenizer.from_pretrained(str(folder), model_max_length=16, pad_token="<|endoftext|>")
+    tok = CLIPTokenizer.from_pretrained(str(folder), model_max_length=16, pad_token="<|endoftext|>",
+                                          local_files_only=True)
     tok.save_pretrained(str(folder))
     return folder
 
@@ -79,7 +80,7 @@ def make_tiny_pipeline(folder: str | Path, arch: str = "sdxl", seed: int = 0, pr
     folder = Path(folder)
     torch.manual_seed(seed)
     tok_dir = write_tokenizer(folder / "_tokenizer_src")
-    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     text_cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=64,
                               num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
                               projection_dim=TEXT_DIM, bos_token_id=0, eos_token_id=1, pad_token_id=1)
@@ -109,7 +110,7 @@ def make_teacher(base: str | Path, folder: str | Path, seed: int, scale: float =
 
     base, folder = Path(base), Path(folder)
     shutil.copytree(base, folder, dirs_exist_ok=True)
-    unet = UNet2DConditionModel.from_pretrained(str(base / "unet"))
+    unet = UNet2DConditionModel.from_pretrained(str(base / "unet"), local_files_only=True)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in unet.parameters():

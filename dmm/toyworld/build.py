@@ -244,12 +244,12 @@ class Stages:
     def clip(self):
         from transformers import CLIPModel
 
-        return CLIPModel.from_pretrained(str(self.dir("clip"))).eval()
+        return CLIPModel.from_pretrained(str(self.dir("clip")), local_files_only=True).eval()
 
     def vae(self):
         from diffusers import AutoencoderKL
 
-        return AutoencoderKL.from_pretrained(str(self.dir("vae"))).eval()
+        return AutoencoderKL.from_pretrained(str(self.dir("vae")), local_files_only=True).eval()
 
     def text_encoders(self):
         from .models import text_encoders_from_clip
@@ -277,7 +277,7 @@ class Stages:
     def unet_from(folder: Path):
         from diffusers import UNet2DConditionModel
 
-        return UNet2DConditionModel.from_pretrained(str(Path(folder) / "unet")).eval()
+        return UNet2DConditionModel.from_pretrained(str(Path(folder) / "unet"), local_files_only=True).eval()
 
     def pipeline(self, unet):
         from .models import make_pipeline

@@ -62,7 +62,7 @@ def build_tokenizer(folder: str | os.PathLike, words: list[str], max_length: int
     try:
         (tmp / "vocab.json").write_text(json.dumps(vocab, indent=0))
         (tmp / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-        tok = CLIPTokenizer.from_pretrained(str(tmp), model_max_length=max_length)
+        tok = CLIPTokenizer.from_pretrained(str(tmp), model_max_length=max_length, local_files_only=True)
         tok.save_pretrained(str(tmp))
         if folder.exists():
             shutil.rmtree(folder)
@@ -76,7 +76,7 @@ def build_tokenizer(folder: str | os.PathLike, words: list[str], max_length: int
 def load_tokenizer(folder: str | os.PathLike):
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(str(folder))
+    return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
 def check_tokenizer(tok, words: list[str]) -> None:

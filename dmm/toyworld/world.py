@@ -124,6 +124,7 @@ class ToyWorld:
         else:
             path = Path(name_or_path)
         kwargs.setdefault("torch_dtype", torch.float32)
+        kwargs["local_files_only"] = True
         pipe = pipeline_class(self.arch).from_pretrained(str(path), **kwargs)
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -134,7 +135,7 @@ class ToyWorld:
 
         from .tokenizer import load_tokenizer
 
-        return CLIPModel.from_pretrained(str(self.clip_path)).eval(), load_tokenizer(self.tokenizer_path)
+        return CLIPModel.from_pretrained(str(self.clip_path), local_files_only=True).eval(), load_tokenizer(self.tokenizer_path)
 
 
 def resolve_world_path(path: str | os.PathLike = DEFAULT_PATH) -> Path:
