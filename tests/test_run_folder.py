@@ -167,6 +167,30 @@ def test_rerunning_in_a_run_folder_continues_refuses_or_starts_afresh(world, tmp
     assert json.loads((out / "merged" / MERGE_INFO).read_text())["step"] == 1
 
 
+def test_a_second_process_cannot_train_in_the_same_folder(world, tmp_path):
+    """Two runs in one folder would overwrite and prune each other's checkpoints."""
+    from dmm.train.checkpoint import RunLock
+    from dmm.train.run import run
+    from tests import tiny_world
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+                               "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); "
+                               "time.sleep(120)", str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=rf"another process is training in {out} .*another train.output_dir"):
+            run(tiny_world.recipe(world, out, train={"max_steps": 1}))
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # refused before writing anything
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = RunLock(out)  # a killed holder leaves no stale lock
+    lock.acquire()
+    lock.release()
+
+
 # ---------------------------------------------------------------- pruning
 def test_pruning_keeps_the_checkpoint_just_written_and_what_latest_names(tmp_path):
     root = tmp_path / "checkpoints"

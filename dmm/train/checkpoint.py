@@ -12,8 +12,11 @@ written nor the one `latest` names. Every write goes through `dmm.io`.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
+import os
 import random
 import re
 import time
@@ -198,6 +201,36 @@ class CheckpointManager:
                 f"{folder} has no state for rank {rank}: it was written by {state.get('world_size')} ranks"
             )
         return state, torch.load(rank_file, map_location="cpu", weights_only=True)
+
+
+class RunLock:
+    """One training process per run folder: two runs in one folder would overwrite and prune each
+    other's checkpoints. An exclusive `flock` on `<out>/.lock`, released by `release()` or when
+    the process ends, however it ends (no stale lock after a kill). Where the filesystem has no
+    locks, a warning says so and the run goes on."""
+
+    def __init__(self, out: str | Path):
+        self.path = Path(out) / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        make_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise RunFolderError(f"another process is training in {self.path.parent} (it holds {self.path}): "
+                                     "wait for it to end, or choose another train.output_dir") from None
+            log.warning("cannot lock %s (%s): nothing stops a second run in this folder", self.path, err)
+            return
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the only descriptor releases the flock
+            self.fd = None
 
 
 def holds_run(out: Path) -> bool:

@@ -287,6 +287,8 @@ class DistillationTrainer:
         def decide():
             if not self.engine.is_main:
                 return None
+            if getattr(self, "run_lock", None) is not None:  # one run per folder (set by fit)
+                self.run_lock.acquire()
             return choose_resume(self.out, self.checkpoints, self.recipe.train.resume, self.recipe.to_dict(),
                                  self.engine.world_size)
 
@@ -311,21 +313,26 @@ class DistillationTrainer:
         boundary) writes a checkpoint and raises StopRequested with `.signum`, `.step`, `.checkpoint`."""
         from dmm.distributed.slurm import max_over_ranks
         from dmm.io import make_dir
+        from dmm.train.checkpoint import RunLock
 
         r = self.recipe
         self.saved = (None, None)
-        self.maybe_resume()  # refuses an incompatible run before anything is written
-        if self.engine.is_main:
-            make_dir(self.out)
-            r.save(self.out / "recipe.yaml")
-            from torch.utils.tensorboard import SummaryWriter
+        self.run_lock = RunLock(self.out)  # the main rank holds it from the resume check to the end
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(self.run_lock.release)
+            self.maybe_resume()  # refuses an incompatible run before anything is written
+            if self.engine.is_main:
+                make_dir(self.out)
+                r.save(self.out / "recipe.yaml")
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.out / "tb"))
-        bar = tqdm(total=r.train.max_steps, initial=self.step, desc="distill", disable=not self.engine.is_main,
-                   dynamic_ncols=True)
-        data = iter(self.stream)
-        started, start_step = time.time(), self.step
-        try:
+                self.writer = SummaryWriter(str(self.out / "tb"))
+                cleanup.callback(self.writer.flush)
+            bar = tqdm(total=r.train.max_steps, initial=self.step, desc="distill", disable=not self.engine.is_main,
+                       dynamic_ncols=True)
+            cleanup.callback(bar.close)
+            data = iter(self.stream)
+            started, start_step = time.time(), self.step
             while self.step < r.train.max_steps:
                 signum = 0 if self.stop_flag is None else max_over_ranks(int(self.stop_flag() or 0),
                                                                          self.engine.world_size)
@@ -346,10 +353,6 @@ class DistillationTrainer:
                     self.writer.add_scalar("perf/samples_per_s", samples / max(elapsed, 1e-9), self.step)
                 if self.step % r.train.checkpoint_every == 0 or self.step == r.train.max_steps:
                     self.save_checkpoint()
-        finally:
-            bar.close()
-            if self.writer is not None:
-                self.writer.flush()
         return self.saved[1] or self.checkpoints.latest()
 
     def student_state_dict(self) -> dict[str, torch.Tensor]:
