@@ -72,7 +72,7 @@ def props(recipe, out: Path) -> None:
         # The single-process reference: every teacher in one process, each rank's batch with that
         # rank's random draws, each weighted 1/W -- the sum over teachers of Eq. 8-9.
         ref_raw = sgd_recipe.to_dict()
-        ref_raw["distributed"]["engine"] = "none"
+        ref_raw["distributed"].update(engine="none", options={})
         ref_raw["train"]["output_dir"] = str(out / "reference")
         ref = SGDTrainer(parse_recipe(ref_raw), engine=SingleProcessEngine())
         ref_losses = []
