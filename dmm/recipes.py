@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -106,8 +106,8 @@ class TrainConfig:
     keep_last: int = setting(3, help="complete checkpoints kept (the newest is never removed)", ge=1,
                              resumable=True)
     resume: str = setting("auto", resumable=True,
-                          help="auto: continue a compatible run in output_dir; never: start fresh (needs an "
-                               "empty run folder); latest; or a checkpoint folder")
+                          help="auto: continue a compatible run in output_dir; never: start fresh (an earlier run "
+                               "there moves to previous-runs/<time>/); latest; or a checkpoint folder")
     gradient_checkpointing: bool = setting(False, help="recompute activations in backward (less memory)",
                                            resumable=True)
 

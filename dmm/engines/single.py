@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from dmm.engines.base import ENGINES, TorchOptimizerEngine
-from dmm.io import atomic_torch_save
+from dmm.io import atomic_save_safetensors, atomic_torch_save
 
 
 @ENGINES.register("none", description="one process, plain PyTorch (CUDA when present): the reference engine")
@@ -26,7 +26,8 @@ class SingleProcessEngine(TorchOptimizerEngine):
 
     def save(self, folder: Path) -> None:
         for which, model in self.models.items():
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / f"{which}.safetensors"))
+            atomic_save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()},
+                                    folder / f"{which}.safetensors")
             atomic_torch_save({"optimizer": self.optimizers[which].state_dict(),
                                "scheduler": self.schedulers[which].state_dict()}, folder / f"{which}_optim.pt")
 

@@ -30,7 +30,7 @@ from dmm.models.student import StyleUNet2DConditionModel
 from dmm.recipes import Recipe
 from dmm.registry import get_registry
 from dmm.teachers import check_teacher_paths, load_teacher
-from dmm.train.checkpoint import CheckpointManager, recipe_differences, set_rng_state
+from dmm.train.checkpoint import CheckpointManager, set_rng_state
 from dmm.train.layout import TeacherLayout
 
 log = logging.getLogger("dmm.train")
