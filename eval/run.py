@@ -19,7 +19,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dmm.registry import load_plugin
 from eval.features import ToyWorldFeatures, build_feature_extractor
