@@ -43,7 +43,7 @@ def main(argv=None) -> int:
 
     try:  # engines deepspeed/fsdp2 start the process group from torchrun/deepspeed/SLURM variables
         merged = run(recipe)
-    except (ValueError, FileNotFoundError) as err:  # bad input: the same clear message on every rank
+    except (ValueError, FileNotFoundError, PermissionError) as err:  # bad input: one clear line on every rank
         print(f"error: {err}", file=sys.stderr)
         return 2
     except StopRequested as stop:  # SIGINT/SIGTERM: the checkpoint is written; say how to go on
