@@ -56,8 +56,10 @@ def fsync_dir(folder: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def _temp_beside(path: Path):
-    """A temporary file name in the target's folder, moved onto `path` on success, removed on failure."""
+def atomic_file(path: str | os.PathLike):
+    """A temporary file name in the target's folder for any writer (a tar, an npz, ...), moved
+    onto `path` on success with the umask's mode, removed on failure."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -75,7 +77,7 @@ def _temp_beside(path: Path):
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with _temp_beside(Path(path)) as tmp:
+    with atomic_file(path) as tmp:
         Path(tmp).write_bytes(data)
 
 
@@ -88,7 +90,7 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    with _temp_beside(Path(path)) as tmp:
+    with atomic_file(path) as tmp:
         torch.save(obj, tmp)
 
 
@@ -96,7 +98,7 @@ def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: di
     """safetensors' `save_file`, atomically and with the umask's mode."""
     from safetensors.torch import save_file
 
-    with _temp_beside(Path(path)) as tmp:
+    with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dmm.io import atomic_write_json, atomic_write_text, replace_dir
+from dmm.io import atomic_save_safetensors, atomic_write_json, atomic_write_text, replace_dir
 from dmm.models.arch import get_arch
 from dmm.registry import load_plugin
 
@@ -326,9 +326,7 @@ def run_stages(stages: Stages, targets: list[str] | None = None) -> dict:
 
 
 def _save_tensors(path: Path, tensors: dict) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in tensors.items() if v is not None}, str(path))
+    atomic_save_safetensors({k: v.contiguous() for k, v in tensors.items() if v is not None}, path)
 
 
 def _load_tensors(path: Path) -> dict:

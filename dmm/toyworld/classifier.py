@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dmm.io import atomic_save_safetensors, atomic_write_text
 
 from .content import ATTRIBUTES, attribute_values
 
@@ -101,13 +102,11 @@ class ToyClassifier(nn.Module):
         return {k: [self.config.heads[k][i] for i in v.tolist()] for k, v in self.predict(images).items()}
 
     def save(self, folder: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        _atomic(folder / WEIGHTS, lambda p: save_file(state, p))
-        _atomic(folder / CONFIG, lambda p: Path(p).write_text(json.dumps(asdict(self.config), indent=1)))
+        atomic_save_safetensors(state, folder / WEIGHTS)
+        atomic_write_text(folder / CONFIG, json.dumps(asdict(self.config), indent=1))
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "ToyClassifier":
@@ -118,17 +117,6 @@ class ToyClassifier(nn.Module):
         model = cls(config)
         model.load_state_dict(load_file(str(folder / WEIGHTS)))
         return model.eval().requires_grad_(False)
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from dmm.io import atomic_file, atomic_write_text
 
 MANIFEST = "manifest.json"
 
@@ -58,18 +59,8 @@ def write_shards(out_dir: str | os.PathLike, n_samples: int, seed: int, styles: 
             pass
         manifest.unlink()
     for s, name in enumerate(names):
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            with wds.TarWriter(tmp) as sink:
-                for index in range(s * samples_per_shard, min(n_samples, (s + 1) * samples_per_shard)):
-                    sink.write(_item(index, seed, styles))
-            os.replace(tmp, out / name)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{manifest.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(params, f, indent=1)
-    os.replace(tmp, manifest)
+        with atomic_file(out / name) as tmp, wds.TarWriter(tmp) as sink:
+            for index in range(s * samples_per_shard, min(n_samples, (s + 1) * samples_per_shard)):
+                sink.write(_item(index, seed, styles))
+    atomic_write_text(manifest, json.dumps(params, indent=1))
     return [str(out / n) for n in names]
