@@ -3,7 +3,12 @@
 The codebook sits in the UNet's own `class_embedding` slot, whose output the stock forward adds
 to the time embedding, so it reaches every ResNet block without a forked forward. The UNet also
 holds a current style as state: stock pipelines (which never pass `class_labels`) then generate
-in that style unchanged.
+in that style unchanged; `set_style` also takes one style per image, repeated for the
+classifier-free-guidance half of the batch.
+
+This module imports only the standard library, torch and diffusers: a merged-model export ships
+its source as the UNet's diffusers custom-component file (`unet/style_unet.py`), so the folder
+loads with `trust_remote_code=True` where dmm is not installed. Keep it self-contained.
 """
 
 from __future__ import annotations
@@ -15,8 +20,6 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
 from torch import nn
-
-from dmm.models.arch import time_embed_dim
 
 StyleSpec = str | int | Mapping[str, float] | Sequence | torch.Tensor
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -95,6 +98,10 @@ def resolve_style(style: StyleSpec, style_names: Sequence[str], batch: int | Non
             raise ValueError(f"mixing weights need one value per style ({n}: {list(style_names)}), got {len(style)}")
         out = torch.tensor([list(style)], dtype=torch.float32)
         _check_weights(out, style_names)
+    elif isinstance(style, Sequence) and len(style) > 0 and any(isinstance(s, Mapping) for s in style):
+        # one style per image, some of them mixtures: every row becomes a weight vector
+        out = torch.cat([resolve_style(s, style_names) if isinstance(s, Mapping)
+                         else nn.functional.one_hot(torch.tensor([index_of(s)]), n).float() for s in style])
     elif isinstance(style, Sequence) and len(style) > 0:
         out = torch.tensor([index_of(s) for s in style])
     else:
@@ -140,7 +147,8 @@ class StyleUNet2DConditionModel(UNet2DConditionModel):
             raise ValueError("a style UNet needs at least one style name (style_names=[...])")
         if len(set(names)) != len(names):
             raise ValueError(f"style names must be unique, got {names}")
-        self.class_embedding = StyleCodebook(len(names), time_embed_dim(self))
+        # the time embedding's width, as dmm.models.arch.time_embed_dim reads it (no dmm import here)
+        self.class_embedding = StyleCodebook(len(names), self.time_embedding.linear_2.out_features)
 
     @property
     def style_names(self) -> list[str]:
@@ -162,25 +170,38 @@ class StyleUNet2DConditionModel(UNet2DConditionModel):
         return student if unet.dtype == student.dtype else student.to(unet.dtype)
 
     def set_style(self, style: StyleSpec | None) -> None:
-        """Hold a style for calls without `class_labels` (stock pipelines). None clears it."""
+        """Hold a style for calls without `class_labels` (stock pipelines). None clears it.
+
+        One style or mixture applies to the whole batch. A list gives one style per image, in the
+        pipeline's output order (prompt 0's `num_images_per_prompt` images first, then prompt 1's);
+        under classifier-free guidance the UNet sees that batch twice and repeats the list."""
         if style is None:
             self.class_embedding.held = None
             return
-        held = resolve_style(style, self.style_names)
-        if held.shape[0] != 1:
-            raise ValueError("set_style takes one style or one mixture; pass per-sample styles as class_labels")
-        self.class_embedding.held = held
+        self.class_embedding.held = resolve_style(style, self.style_names)
+
+    def _held_for(self, batch: int) -> torch.Tensor:
+        held = self.class_embedding.held
+        if held is None:
+            raise ValueError(
+                f"no style chosen: call unet.set_style(name) first or pass class_labels; styles: {self.style_names}"
+            )
+        k = held.shape[0]
+        if k == 1 or k == batch:
+            return held.expand(batch, *held.shape[1:])
+        if 2 * k == batch:  # classifier-free guidance: [unconditional half, conditional half]
+            return torch.cat([held, held])
+        raise ValueError(
+            f"set_style was given {k} per-image styles but the UNet got a batch of {batch} "
+            f"({batch} images, or {batch / 2:g} doubled by classifier-free guidance): give one style per "
+            "image (prompts x num_images_per_prompt), or one style for all"
+        )
 
     def forward(self, sample, timestep, encoder_hidden_states, class_labels=None, **kwargs):
         """`class_labels`: per-sample styles (indices (B,), mixing weights (B, N), or one style for the
         whole batch), checked like `set_style` so a bad one fails here, not as a wrong embedding."""
         if class_labels is None:
-            held = self.class_embedding.held
-            if held is None:
-                raise ValueError(
-                    f"no style chosen: call unet.set_style(name) first or pass class_labels; styles: {self.style_names}"
-                )
-            class_labels = held.to(sample.device).expand(sample.shape[0], *held.shape[1:])
+            class_labels = self._held_for(sample.shape[0]).to(sample.device)
         else:
             class_labels = self._check_class_labels(class_labels, sample.shape[0]).to(sample.device)
         return super().forward(sample, timestep, encoder_hidden_states, class_labels=class_labels, **kwargs)
@@ -198,6 +219,9 @@ class StyleUNet2DConditionModel(UNet2DConditionModel):
         """A plain UNet that always generates `style`: the style vector folded into the time MLP's
         last bias. Exact, because the style vector is a per-sample constant added to that output."""
         weights = resolve_style(style, self.style_names)
+        if weights.shape[0] != 1:
+            raise ValueError(f"bake takes one style or one mixture, got {weights.shape[0]} styles (one per image "
+                             "is for set_style)")
         with torch.no_grad():
             vec = self.class_embedding(weights.to(self.device))[0]
         config = {k: v for k, v in dict(self.config).items() if not k.startswith("_") and k != "style_names"}

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
 
-from dmm.io import atomic_write_json, replace_dir
+from dmm.io import atomic_write_json
 from dmm.models.student import StyleUNet2DConditionModel
-from dmm.pipeline import MERGE_INFO
+from dmm.pipeline import MERGE_INFO, UNET_MODULE, save_pipeline_folder, write_style_unet_module
 
 
 def build_student(base: str | Path, style_names: list[str], state: dict[str, torch.Tensor]):
@@ -33,20 +31,19 @@ def build_student(base: str | Path, style_names: list[str], state: dict[str, tor
 
 def export_merged(student: StyleUNet2DConditionModel, base: str | Path, out: str | Path,
                   info: dict | None = None) -> Path:
-    """Written to a temporary folder and moved into place: an older export survives a crash."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Written to a temporary folder and moved into place: an older export survives a crash.
+    The UNet class ships inside the folder (diffusers' custom component), so the folder also loads
+    with `DiffusionPipeline.from_pretrained(out, trust_remote_code=True)` without dmm."""
     pipe = DiffusionPipeline.from_pretrained(str(base), unet=student, local_files_only=True)
-    pipe.save_pretrained(str(tmp))
-    # diffusers records the defining module; name the package, which exports the class at top level.
-    index = json.loads((tmp / "model_index.json").read_text())
-    index["unet"] = ["dmm", StyleUNet2DConditionModel.__name__]
-    atomic_write_json(tmp / "model_index.json", index)
-    atomic_write_json(tmp / MERGE_INFO, {"style_names": student.style_names, **(info or {})})
-    replace_dir(tmp, out)
-    return out
+
+    def finish(tmp: Path) -> None:
+        write_style_unet_module(tmp / "unet")
+        index = json.loads((tmp / "model_index.json").read_text())
+        index["unet"] = [UNET_MODULE, StyleUNet2DConditionModel.__name__]
+        atomic_write_json(tmp / "model_index.json", index)
+        atomic_write_json(tmp / MERGE_INFO, {"style_names": student.style_names, **(info or {})})
+
+    return save_pipeline_folder(pipe, out, finish)
 
 
 def checkpoint_student_state(checkpoint: Path, recipe: dict) -> dict[str, torch.Tensor]:
