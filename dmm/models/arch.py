@@ -131,3 +131,18 @@ def sdxl_unet_config() -> dict:
         projection_class_embeddings_input_dim=2816,
         use_linear_projection=True,
     )
+
+
+def unet_blocks(unet_config) -> list[str]:
+    """Key prefixes of a diffusers UNet's blocks, in forward order, from its config (SD1.5, SDXL or
+    any tiny UNet of the same family): what per-block merge weights are addressed by. The
+    embeddings come first, then each down block, the mid block, each up block and the output head."""
+    get = unet_config.get if isinstance(unet_config, dict) else lambda k, d=None: getattr(unet_config, k, d)
+    down, up = len(get("down_block_types") or ()), len(get("up_block_types") or ())
+    if not down or not up:
+        raise ValueError("a UNet config needs down_block_types and up_block_types to name its blocks")
+    blocks = ["conv_in", "time_embedding"]
+    if get("addition_embed_type") == "text_time":
+        blocks.append("add_embedding")
+    blocks += [f"down_blocks.{i}" for i in range(down)] + ["mid_block"] + [f"up_blocks.{i}" for i in range(up)]
+    return blocks + ["conv_norm_out", "conv_out"]

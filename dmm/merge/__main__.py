@@ -1,0 +1,7 @@
+"""`python -m dmm.merge ...`: see `dmm.merge.cli`."""
+
+import sys
+
+from dmm.merge.cli import main
+
+sys.exit(main())

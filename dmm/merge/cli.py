@@ -1,0 +1,63 @@
+"""`python -m dmm.merge`: merge checkpoints with a registered method (the weight-merging baselines).
+
+    python -m dmm.merge --method weighted_sum --models A B C D --weights 0.25 0.25 0.25 0.25 --out PATH
+    python -m dmm.merge --method ties --base BASE --models A B --option density=0.2 --option scale=1.0 --out PATH
+
+Bad input is one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from dmm.schema import ConfigError
+
+
+def parser() -> argparse.ArgumentParser:
+    from dmm.merge import MERGE_METHODS
+
+    p = argparse.ArgumentParser(prog="python -m dmm.merge", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="methods and their options:\n" + MERGE_METHODS.describe())
+    p.add_argument("--method", required=True, help="a registered merge method (listed below)")
+    p.add_argument("--models", nargs="+", required=True, help="pipeline folders, UNet folders or .safetensors files")
+    p.add_argument("--weights", nargs="+", type=float, help="one weight per model (weighted_sum)")
+    p.add_argument("--base", help="the common base model (ties, dare: task vectors are model - base)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option; VALUE is read as YAML (numbers, true/false, {a: 1})")
+    p.add_argument("--out", required=True, help="a folder (diffusers layout) or a .safetensors file")
+    return p
+
+
+def parse_options(pairs: list[str], weights: list[float] | None) -> dict:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option {pair!r}: write KEY=VALUE, e.g. --option alpha=0.5")
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--option {pair!r}: the value is not valid YAML ({err})") from None
+    if weights is not None:
+        if "weights" in options:
+            raise ConfigError("give the weights once: --weights or --option weights=[...], not both")
+        options["weights"] = weights
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from dmm.merge import merge_models
+
+    try:
+        out = merge_models(args.method, args.models, args.out, base=args.base,
+                           options=parse_options(args.option, args.weights))
+    except (ConfigError, ValueError) as err:  # MergeError, RegistryError and option errors are ValueErrors
+        print(f"dmm merge: {err}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
