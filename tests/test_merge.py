@@ -221,3 +221,38 @@ def test_a_failed_merge_leaves_an_existing_output_untouched(world, tmp_path, mon
     after = merged(out)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+
+
+def test_single_files_in_any_layout_merge_in_their_dtype_and_keep_integer_buffers(tmp_path):
+    """Original-layout single files (here fp16, with a text-encoder part and integer position ids)
+    merge key by key into a file of the same layout; integer buffers are the first model's."""
+    from dmm.io import atomic_save_safetensors
+
+    files, sds = [], []
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        sd = {"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g).half(),
+              "model.diffusion_model.out.2.bias": torch.randn(4, generator=g).half(),
+              "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(16) + i}
+        atomic_save_safetensors(sd, tmp_path / f"m{i}.safetensors")
+        files.append(tmp_path / f"m{i}.safetensors")
+        sds.append(sd)
+    out = merge_models("weighted_sum", files, tmp_path / "merged.safetensors", options={"weights": [0.3, 0.7]})
+    got = load_file(str(out))
+    assert set(got) == set(sds[0])
+    ids = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+    assert torch.equal(got[ids], sds[0][ids])
+    for key in sds[0]:
+        if key != ids:
+            want = (sds[0][key].double() * 0.3).addcmul(sds[1][key].double(), torch.tensor(0.7, dtype=torch.float64))
+            assert got[key].dtype == torch.float16 and torch.equal(got[key], want.half()), key
+    with pytest.raises(MergeError, match="needs the UNet's config.json"):
+        merge_models("block_weights", files, tmp_path / "b.safetensors")
+    with pytest.raises(MergeError, match="a diffusers folder needs a UNet config"):
+        merge_models("weighted_sum", files, tmp_path / "folder")
+
+
+def test_cli_says_which_method_takes_weights(world, tmp_path, capsys):
+    assert main(["--method", "ties", "--base", str(world / "base"), "--models", str(world / "t0"),
+                 "--weights", "1", "--out", str(tmp_path / "y")]) == 2
+    assert "--weights is for weighted_sum; ties takes --option" in capsys.readouterr().err

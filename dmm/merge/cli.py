@@ -51,9 +51,13 @@ def parse_options(pairs: list[str], weights: list[float] | None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from dmm.merge import merge_models
+    from dmm.merge import MERGE_METHODS, merge_models
 
     try:
+        if args.weights is not None and args.method in MERGE_METHODS and \
+                "weights" not in MERGE_METHODS.get(args.method).options.__dataclass_fields__:
+            raise ConfigError(f"--weights is for weighted_sum; {args.method} takes --option KEY=VALUE "
+                              f"(see --help)")
         out = merge_models(args.method, args.models, args.out, base=args.base,
                            options=parse_options(args.option, args.weights))
     except (ConfigError, ValueError) as err:  # MergeError, RegistryError and option errors are ValueErrors

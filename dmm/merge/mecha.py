@@ -16,7 +16,9 @@ Worked around in sd-mecha 1.1.8 (pinned in pyproject.toml):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 
 import torch
 
@@ -87,12 +89,31 @@ class _Quiet:
         pass
 
 
+class _DropRecipeWarning(logging.Filter):
+    """sd-mecha warns that a recipe holding tensor parameters (our float64 scalars) cannot be stored
+    in the output's metadata; we drop that metadata anyway."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "recipe graph could not be serialized" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_recipe_warning():
+    root, drop = logging.getLogger(), _DropRecipeWarning()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def run(recipe, *, output_dtype: torch.dtype, merge_space: str = "weight") -> dict[str, torch.Tensor]:
     """Stream the recipe key by key (sd-mecha reads one tensor of each input at a time)."""
     try:
-        out = sd_mecha.merge(recipe, merge_dtype=MERGE_DTYPE, output_dtype=output_dtype, threads=0,
-                             strict_merge_space=merge_space, omit_non_finite_inputs=False,
-                             check_extra_keys=False, tqdm=_Quiet)
+        with _quiet_recipe_warning():
+            out = sd_mecha.merge(recipe, merge_dtype=MERGE_DTYPE, output_dtype=output_dtype, threads=0,
+                                 strict_merge_space=merge_space, omit_non_finite_inputs=False,
+                                 check_extra_keys=False, tqdm=_Quiet)
     except (RuntimeError, ValueError, KeyError) as err:
         raise MergeError(f"sd-mecha could not merge: {err}") from err
     out.pop("__metadata__", None)
