@@ -256,3 +256,20 @@ def test_cli_says_which_method_takes_weights(world, tmp_path, capsys):
     assert main(["--method", "ties", "--base", str(world / "base"), "--models", str(world / "t0"),
                  "--weights", "1", "--out", str(tmp_path / "y")]) == 2
     assert "--weights is for weighted_sum; ties takes --option" in capsys.readouterr().err
+
+
+def test_merge_verb_plugs_into_a_verb_parser(world, tmp_path, capsys):
+    """The shape `dmm.cli` expects of a verb: `arguments(subparser)`, then `run(args)` -> status."""
+    import argparse
+
+    from dmm.merge.cli import MergeVerb
+
+    parser = argparse.ArgumentParser(prog="dmm")
+    MergeVerb.arguments(parser.add_subparsers(dest="verb").add_parser("merge"))
+    args = parser.parse_args(["merge", "--method", "add_difference", "--models", str(world / "t0"),
+                              str(world / "t1"), str(world / "base"), "--option", "alpha=0.5",
+                              "--out", str(tmp_path / "v.safetensors")])
+    assert MergeVerb.run(args) == 0 and (tmp_path / "v.safetensors").is_file()
+    args.method = "nope"
+    with pytest.raises(ValueError, match="unknown merge method 'nope'"):
+        MergeVerb.run(args)
