@@ -23,7 +23,7 @@ from diffusers import DiffusionPipeline
 
 import dmm.models.student as student_module
 from dmm.io import atomic_write_text, replace_dir
-from dmm.models.student import StyleSpec, StyleUNet2DConditionModel
+from dmm.models.student import StyleSpec, StyleUNet2DConditionModel, resolve_style
 from dmm.sampling import consecutive_seeds, sample_images
 
 MERGE_INFO = "dmm_merge.json"
@@ -60,16 +60,24 @@ def _with_unet(pipe: DiffusionPipeline, unet) -> DiffusionPipeline:
     return type(pipe)(**kwargs)
 
 
-def load_merged(folder: str | Path, torch_dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
-    """The merged pipeline, from any working directory: the UNet class is named here, never looked up."""
+def merged_style_names(folder: str | Path) -> list[str]:
+    """The style names of a merged folder, read from its UNet config (no weights loaded); a folder
+    that is not a merged model is refused here, before anything slow happens."""
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
     if not is_merged_model(folder):
-        raise ValueError(
+        raise MergedModelError(
             f"{folder} is not a dmm merged model: expected unet/config.json with "
             f"_class_name {StyleUNet2DConditionModel.__name__!r} (export one with launchers/train.py)"
         )
+    return list(json.loads((folder / "unet" / "config.json").read_text())["style_names"])
+
+
+def load_merged(folder: str | Path, torch_dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+    """The merged pipeline, from any working directory: the UNet class is named here, never looked up."""
+    folder = Path(folder)
+    merged_style_names(folder)
     unet = StyleUNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=torch_dtype,
                                                      local_files_only=True)
     # unet=None: diffusers loads only the stock components and never resolves the "dmm" library name
@@ -129,10 +137,12 @@ def export_baked(folder: str | Path, style: StyleSpec, out: str | Path, fmt: str
         raise MergedModelError(f"unknown export format {fmt!r}; formats: {', '.join(EXPORT_FORMATS)}")
     if fmt != "diffusers":
         raise MergedModelError("not implemented yet: single-file and LoRA export (issue 11); use --format diffusers")
-    pipe = load_merged(folder)
-    plain = pipe.unet.bake(style)
     if Path(out).resolve() == Path(folder).resolve():
         raise MergedModelError(f"export to {out} would replace the merged model it reads: choose another --out")
+    if resolve_style(style, merged_style_names(folder)).shape[0] != 1:  # checked before any weight loads
+        raise MergedModelError("export bakes one style or one mixture, not one style per image")
+    pipe = load_merged(folder)
+    plain = pipe.unet.bake(style)
     return save_pipeline_folder(_with_unet(pipe, plain), out)
 
 

@@ -1,0 +1,160 @@
+"""The `dmm` command line (`dmm VERB ...` or `python -m dmm VERB ...`) for merged models.
+
+Verbs live in the `VERBS` registry ("cli verb"), so a later verb (`merge`, `regions`) is one
+registered class in its own module: `arguments(parser)` declares its flags, `run(args)` does the
+work and returns the exit status. Every error the library raises for bad input is printed as one
+line `error: ...` and exits 2. Training and evaluation keep their own entry points
+(`launchers/train.py`, `python -m eval.suite`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from dmm.io import atomic_file
+from dmm.registry import Registry
+
+VERBS: Registry = Registry("cli verb")
+
+
+class UsageError(ValueError):
+    """A command line argparse cannot read; printed as one `error:` line like any other bad input."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print the usage block and exit itself
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _model_and_style(parser) -> None:
+    """The two flags every verb that uses a merged model's styles takes."""
+    parser.add_argument("--model", required=True, metavar="DIR", help="a merged model folder")
+    parser.add_argument("--style", required=True,
+                        help="a style name (neon), an index (2) or a mixture of weights summing to 1 "
+                             "(0.3*anime+0.7*real); `dmm styles DIR` lists the names")
+
+
+@VERBS.register("styles", description="list the styles a merged model was trained on")
+class StylesVerb:
+    @staticmethod
+    def arguments(parser) -> None:
+        parser.add_argument("model", metavar="DIR", help="a merged model folder")
+
+    @staticmethod
+    def run(args) -> int:
+        from dmm.pipeline import merged_style_names
+
+        for index, name in enumerate(merged_style_names(args.model)):
+            print(f"{index}\t{name}")
+        return 0
+
+
+@VERBS.register("generate", description="generate images of one style or mixture with a merged model")
+class GenerateVerb:
+    @staticmethod
+    def arguments(parser) -> None:
+        _model_and_style(parser)
+        parser.add_argument("--prompt", required=True, help="the caption of every image")
+        parser.add_argument("--n", type=int, default=4, help="number of images (default 4)")
+        parser.add_argument("--seed", type=int, default=0, help="image k uses seed SEED+k (default 0)")
+        parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+        parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+        parser.add_argument("--negative-prompt", default=None, help="caption to steer away from")
+        parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+        parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+        parser.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default 4)")
+        parser.add_argument("--out", required=True, metavar="DIR", help="folder for 0000.png, ... and grid.png")
+
+    @staticmethod
+    def run(args) -> int:
+        from tqdm.auto import tqdm
+
+        from dmm.models.student import resolve_style
+        from dmm.pipeline import generate, load_merged, merged_style_names, parse_style
+        from dmm.sampling import check_sampling
+
+        # every check before the weights load
+        if args.n < 1:
+            raise UsageError(f"--n must be at least 1 (number of images), got {args.n}")
+        check_sampling(args.steps, args.guidance, args.batch_size,
+                       flags={"steps": "--steps", "guidance_scale": "--guidance", "batch_size": "--batch-size"})
+        style = parse_style(args.style)
+        resolve_style(style, merged_style_names(args.model))
+        pipe = load_merged(args.model)
+        pipe.set_progress_bar_config(disable=True)
+        sizes = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
+        with tqdm(total=args.n, desc="images", unit="img", file=sys.stderr) as bar:
+            images = generate(pipe, [args.prompt] * args.n, style, seed=args.seed, steps=args.steps,
+                              guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
+                              batch_size=args.batch_size, on_batch=lambda done, _: bar.update(done - bar.n),
+                              **sizes)
+        out = Path(args.out)
+        for k, image in enumerate(images):
+            _save_png(image, out / f"{k:04d}.png")
+        _save_png(_grid(images), out / "grid.png")
+        print(f"wrote {len(images)} images and grid.png to {out}")
+        return 0
+
+
+@VERBS.register("export", description="bake a style or fixed mixture into a stock model folder")
+class ExportVerb:
+    @staticmethod
+    def arguments(parser) -> None:
+        from dmm.pipeline import EXPORT_FORMATS
+
+        _model_and_style(parser)
+        parser.add_argument("--format", default="diffusers",
+                            help=f"one of {', '.join(EXPORT_FORMATS)} (only diffusers is implemented yet)")
+        parser.add_argument("--out", required=True, metavar="PATH",
+                            help="the folder to write; an existing one is replaced only once the export succeeded")
+
+    @staticmethod
+    def run(args) -> int:
+        from dmm.pipeline import export_baked, parse_style
+
+        out = export_baked(args.model, parse_style(args.style), args.out, fmt=args.format)
+        print(f"wrote a stock diffusers folder with style {args.style!r} baked in to {out}")
+        return 0
+
+
+def _save_png(image, path: Path) -> None:
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def _grid(images):
+    """All images in one PNG, as square as the count allows."""
+    from PIL import Image
+
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for k, image in enumerate(images):
+        grid.paste(image, ((k % cols) * w, (k // cols) * h))
+    return grid
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dmm", description="Use merged models: list styles, generate, export. "
+                                             "Train with launchers/train.py, evaluate with python -m eval.suite.")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    verbs.required = True
+    for entry in VERBS.entries():
+        entry.obj.arguments(verbs.add_parser(entry.name, help=entry.description, description=entry.description))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one verb; bad input of any kind is one `error:` line and exit status 2."""
+    try:
+        args = build_parser().parse_args(argv)
+        return VERBS.get(args.verb).obj.run(args)
+    except SystemExit as stop:  # --help
+        return stop.code if isinstance(stop.code, int) else 0
+    except (ValueError, TypeError, OSError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
