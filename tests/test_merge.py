@@ -273,3 +273,16 @@ def test_merge_verb_plugs_into_a_verb_parser(world, tmp_path, capsys):
     args.method = "nope"
     with pytest.raises(ValueError, match="unknown merge method 'nope'"):
         MergeVerb.run(args)
+
+
+def test_nan_in_an_input_is_named_and_nothing_is_written(world, tmp_path):
+    from dmm.io import atomic_save_safetensors
+
+    sd = load_file(str(world / "t1" / UNET))
+    sd["mid_block.resnets.0.conv1.bias"][3] = float("nan")
+    atomic_save_safetensors(sd, tmp_path / "bad.safetensors")
+    good = tmp_path / "good.safetensors"
+    atomic_save_safetensors(load_file(str(world / "t0" / UNET)), good)
+    with pytest.raises(MergeError, match=r"'mid_block.resnets.0.conv1.bias' is not finite: NaN/inf in .*bad"):
+        merge_models("weighted_sum", [good, tmp_path / "bad.safetensors"], tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()

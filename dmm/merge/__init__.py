@@ -12,6 +12,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
+
 from dmm.io import atomic_save_safetensors, atomic_write_json, make_dir, replace_dir
 from dmm.merge.inputs import FLOAT_DTYPES, MergeError, MergeInput, check_compatible, resolve_input
 from dmm.merge.methods import MERGE_METHODS, MergeJob
@@ -41,6 +43,7 @@ def merge_models(method: str, models: list[str | Path], out: str | Path, *, base
     merged = mecha.run(recipe, output_dtype=mecha.TORCH_DTYPES[max(set(dtypes), key=dtypes.count)],
                        merge_space=space)
     merged = {k: merged[k].contiguous() for k in header if k in merged}
+    _check_finite(merged, inputs + ([base_input] if base_input else []))
     _copy_non_float(header, inputs[0], merged)
     return _write(merged, out, base_input or inputs[0])
 
@@ -51,6 +54,21 @@ def _check_out(out: Path, inputs: list[MergeInput]) -> None:
             raise MergeError(f"--out {out} is one of the inputs; write the merge somewhere else")
     if out.suffix != ".safetensors" and out.exists() and not out.is_dir():
         raise MergeError(f"--out {out} is an existing file; give a folder or a .safetensors path")
+
+
+def _check_finite(merged: dict, inputs: list[MergeInput]) -> None:
+    """A NaN or inf in any input spreads into the merge: refuse it before anything is written."""
+    bad = next((k for k, v in merged.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        from safetensors import safe_open
+
+        culprits = []
+        for i in inputs:
+            with safe_open(str(i.weights), "pt") as handle:
+                if not torch.isfinite(handle.get_tensor(bad)).all():
+                    culprits.append(str(i.path))
+        raise MergeError(f"the merged {bad!r} is not finite: NaN/inf in {', '.join(culprits) or 'the merge itself'}; "
+                         "repair or drop that model")
 
 
 def _copy_non_float(header: dict, first: MergeInput, merged: dict) -> None:
