@@ -10,6 +10,7 @@ line `error: ...` and exits 2. Training and evaluation keep their own entry poin
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import sys
 from pathlib import Path
@@ -120,6 +121,28 @@ class ExportVerb:
         return 0
 
 
+class LazyVerb:
+    """A verb whose module imports only when that verb runs (or shows its help): `dmm styles`
+    should not pay for a heavy dependency of another verb (the merge baselines load sd-mecha)."""
+
+    def __init__(self, target: str):
+        self.target = target  # "module:Class"
+
+    def _load(self):
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def arguments(self, parser) -> None:
+        self._load().arguments(parser)
+
+    def run(self, args) -> int:
+        return self._load().run(args)
+
+
+VERBS.add("merge", LazyVerb("dmm.merge.cli:MergeVerb"),
+          description="merge checkpoints' weights with a registered method (weighted sum, TIES, DARE, ...)")
+
+
 def _save_png(image, path: Path) -> None:
     with atomic_file(path) as tmp:
         image.save(tmp, format="PNG")
@@ -138,20 +161,24 @@ def _grid(images):
     return grid
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """Every verb is listed; only `verb`'s flags are built (so only its module is imported)."""
     parser = _Parser(prog="dmm", description="Use merged models: list styles, generate, export. "
                                              "Train with launchers/train.py, evaluate with python -m eval.suite.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     verbs.required = True
     for entry in VERBS.entries():
-        entry.obj.arguments(verbs.add_parser(entry.name, help=entry.description, description=entry.description))
+        sub = verbs.add_parser(entry.name, help=entry.description, description=entry.description)
+        if entry.name == verb:
+            entry.obj.arguments(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one verb; bad input of any kind is one `error:` line and exit status 2."""
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
         return VERBS.get(args.verb).obj.run(args)
     except SystemExit as stop:  # --help
         return stop.code if isinstance(stop.code, int) else 0

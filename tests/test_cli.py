@@ -105,7 +105,7 @@ def test_not_a_merged_model_and_missing_flags(tmp_path, capsys):
     assert "invalid choice" in error_of(capsys, ["mergee"])
 
 
-@pytest.mark.parametrize("verb", ["styles", "generate", "export"])
+@pytest.mark.parametrize("verb", ["styles", "generate", "export", "merge"])
 def test_every_verb_has_help(verb, capsys):
     assert main([verb, "--help"]) == 0
     assert f"usage: dmm {verb}" in capsys.readouterr().out
@@ -137,3 +137,8 @@ def test_console_script_and_python_m(merged):
                           text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["0", "neon", "1", "flat"]
+    lean = ("import sys; from dmm.cli import main; main(['styles', sys.argv[1]]); "
+            "assert 'sd_mecha' not in sys.modules, 'dmm styles imported the merge verb'")
+    proc = subprocess.run([sys.executable, "-c", lean, str(merged)], check=False, capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
