@@ -133,12 +133,13 @@ def test_a_registered_verb_joins_the_command_line(capsys):
 def test_console_script_and_python_m(merged):
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["dmm"] == "dmm.cli:main"
-    proc = subprocess.run([sys.executable, "-m", "dmm", "styles", str(merged)], check=False, capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["0", "neon", "1", "flat"]
-    lean = ("import sys; from dmm.cli import main; main(['styles', sys.argv[1]]); "
-            "assert 'sd_mecha' not in sys.modules, 'dmm styles imported the merge verb'")
-    proc = subprocess.run([sys.executable, "-c", lean, str(merged)], check=False, capture_output=True, text=True,
+    # `python -m dmm` in one fresh process (runpy is what -m runs); `dmm styles` must not import sd-mecha
+    code = ("import runpy, sys\n"
+            "sys.argv = ['dmm', 'styles', sys.argv[1]]\n"
+            "try:\n    runpy.run_module('dmm', run_name='__main__')\nexcept SystemExit as stop:\n    code = stop.code\n"
+            "assert 'sd_mecha' not in sys.modules, 'dmm styles imported the merge verb'\n"
+            "sys.exit(code)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(merged)], check=False, capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0", "neon", "1", "flat"]
