@@ -124,6 +124,8 @@ PROVIDERS = {
     "engine": "dmm.engines",
     "teacher format": "dmm.teachers.formats",
     "data source": "dmm.data.sources",
+    "merge method": "dmm.merge",
+    "cli verb": "dmm.cli",
     "toy style": "dmm.toyworld.styles",
 }
 

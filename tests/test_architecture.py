@@ -24,6 +24,7 @@ LAYERS = [
     ("dmm.train",),
     ("dmm.toyworld", "dmm.testing"),
     ("eval",),
+    ("dmm.cli", "dmm.__main__"),  # the command line: an entry point, like launchers/
 ]
 
 

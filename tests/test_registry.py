@@ -69,6 +69,8 @@ def test_core_registries_are_found_by_kind_with_their_builtins():
     assert {"none", "deepspeed", "fsdp2"} <= set(get_registry("engine").names())
     assert {"diffusers", "single_file", "ckpt"} <= set(get_registry("teacher format").names())
     assert {"shards", "toyworld"} <= set(get_registry("data source").names())
+    assert {"weighted_sum", "add_difference", "ties", "dare"} <= set(get_registry("merge method").names())
+    assert {"styles", "generate", "export", "merge"} <= set(get_registry("cli verb").names())
 
 
 def test_plugins_from_a_file_or_a_module(tmp_path, monkeypatch, blends):
