@@ -1,4 +1,5 @@
-"""A user's own engine runs from a recipe without editing dmm; nothing ever tries the network.
+"""A user's own engine and teacher format run from a recipe without editing dmm; nothing ever
+tries the network.
 
 The recipe lives in its own folder with relative paths and the launcher runs from another
 folder; the export and the loading of the merged model then run in a fresh process whose
@@ -24,6 +25,7 @@ PLUGIN = textwrap.dedent("""
 
     from dmm.engines import ENGINES, SingleProcessEngine
     from dmm.schema import setting
+    from dmm.teachers.formats import TEACHER_FORMATS
 
     STEPS = []
 
@@ -42,6 +44,23 @@ PLUGIN = textwrap.dedent("""
         def step(self, which, max_norm):
             STEPS.append((self.label, which))
             return super().step(which, max_norm)
+
+
+    @dataclass(frozen=True)
+    class LoggedOptions:
+        tag: str = setting("", help="recorded with every load")
+
+
+    LOADS = []
+
+
+    @TEACHER_FORMATS.register("logged_folder", description="a diffusers folder, recording each load",
+                              options=LoggedOptions)
+    def logged_folder(path, *, base, allow_pickle, options):
+        from diffusers import UNet2DConditionModel
+
+        LOADS.append((path.name, options.tag))
+        return UNet2DConditionModel.from_pretrained(str(path / "unet"), local_files_only=True)
 """)
 
 NO_NETWORK = textwrap.dedent("""
@@ -67,6 +86,7 @@ def test_user_engine_from_a_recipe_then_offline_export_and_load(tmp_path, monkey
     # Relative paths in the recipe file: resolved against the recipe's folder, not the current one.
     raw["model"]["base"] = os.path.relpath(world.base, recipes)
     raw["teachers"] = [{"name": n, "path": os.path.relpath(p, recipes)} for n, p in world.teachers.items()]
+    raw["teachers"][1].update(format="logged_folder", options={"tag": "b-only"})
     (recipes / "plugin.yaml").write_text(yaml.safe_dump(raw))
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "dmm").mkdir(parents=True)  # a folder shadowing the package name, as in a clone named dmm
@@ -82,6 +102,7 @@ def test_user_engine_from_a_recipe_then_offline_export_and_load(tmp_path, monkey
     assert (merged / "unet" / "config.json").is_file()
     plugin = next(m for name, m in sys.modules.items() if name.startswith("dmm_plugin_counting_engine"))
     assert plugin.STEPS == [("mine", "student"), ("mine", "disc")] * 2
+    assert plugin.LOADS == [(world.teachers["b"].name, "b-only")]
 
     # A fresh process, no HF_HUB_OFFLINE, sockets refused, cwd holding a `dmm` folder.
     (tmp_path / "sitecustomize.py").write_text(NO_NETWORK)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from dmm.engines.base import Engine
+from dmm.recipes import is_resumable
 from dmm.io import (atomic_torch_save, atomic_write_json, atomic_write_text, make_dir, move_into, remove_dir,
                     restore_replaced, replace_dir)
 
@@ -33,11 +34,6 @@ log = logging.getLogger("dmm.train")
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE = "trainer_state.json"
-# Keys that may change between a run and its resumption without changing what is trained
-# (used until dmm.recipes declares them itself through `resumable_keys`).
-RESUMABLE_DIFFERENCES = ("train.max_steps", "train.resume", "train.output_dir", "train.log_every",
-                         "train.checkpoint_every", "train.keep_last", "sample.", "distributed.",
-                         "data.num_workers")
 # What an earlier run leaves in its folder; a fresh start moves these to previous-runs/<time>/.
 RUN_ENTRIES = ("checkpoints", "merged", "recipe.yaml", "tb")
 PREVIOUS_RUNS = "previous-runs"
@@ -64,13 +60,8 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _resumable(key: str) -> bool:
-    if key.startswith(("train.resume", "train.output_dir")):  # always: they say where and how to resume
-        return True
-    try:
-        from dmm.recipes import is_resumable
-    except ImportError:
-        return key.startswith(RESUMABLE_DIFFERENCES)
-    return is_resumable(key)
+    """Declared in the recipe schema (`setting(..., resumable=True)`); where and how to resume always may."""
+    return key.startswith(("train.resume", "train.output_dir")) or is_resumable(key)
 
 
 def recipe_differences(saved: dict, current: dict) -> list[str]:
