@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dmm.conditioning import Conditioning, FrozenPipeline, drop_captions
-from dmm.data import ShardStream
+from dmm.data import DataError, ShardStream
 from dmm.data.sources import source_name, writes_files
 from dmm.distributed import agree
 from dmm.diffusion import add_noise, convert_prediction, predict_x0
@@ -341,7 +341,7 @@ class DistillationTrainer:
                     stop = StopRequested(f"stopped at step {self.step} on request; checkpoint saved: {folder}")
                     stop.signum, stop.step, stop.checkpoint = signum, self.step, folder
                     raise stop
-                metrics = self.train_step([next(data) for _ in range(self.accum_steps)])
+                metrics = self.train_step(self._next_batches(data))
                 self.step += 1
                 bar.update(1)
                 if self.engine.is_main and (self.step % r.train.log_every == 0 or self.step == r.train.max_steps):
@@ -354,6 +354,27 @@ class DistillationTrainer:
                 if self.step % r.train.checkpoint_every == 0 or self.step == r.train.max_steps:
                     self.save_checkpoint()
         return self.saved[1] or self.checkpoints.latest()
+
+    def _next_batches(self, data) -> list[dict]:
+        """This step's micro-batches. A bad shard met on one rank (a DataError, named by shard and
+        sample) stops every rank with the same message instead of leaving the others waiting in the
+        next collective: with several ranks they agree on it (one all-reduce of a flag per step)."""
+        from dmm.distributed.slurm import any_rank
+
+        failure = None
+        try:
+            batches = [next(data) for _ in range(self.accum_steps)]
+        except DataError as err:
+            failure = err
+        if self.engine.world_size > 1 and any_rank(failure is not None):
+            def reraise():
+                if failure is not None:
+                    raise failure
+
+            agree(reraise, what=f"reading data for step {self.step + 1}")
+        if failure is not None:
+            raise failure
+        return batches
 
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         return self.engine.full_state_dict("student")
