@@ -44,3 +44,26 @@ def launch(args: list[str], *, nproc: int = 2, launcher: str = "torchrun", timeo
 
 def tail(proc: subprocess.CompletedProcess, n: int = 4000) -> str:
     return (proc.stdout + "\n" + proc.stderr)[-n:]
+
+
+def error_lines_of_two_ranks(recipe: Path, timeout: float = 300) -> list[str]:
+    """Run `launchers/train.py` as two ranks (torchrun's worker environment, so each rank's own
+    stderr and exit status can be read: torchrun would kill the slower rank once one exits) and
+    return each rank's one `error:` line, after checking that both exited 2 without a traceback."""
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        e = env()
+        e.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DMM_DIST_TIMEOUT_S": "120"})
+        procs.append(subprocess.Popen([sys.executable, str(REPO / "launchers" / "train.py"), "--recipe", str(recipe)],
+                                      cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    lines = []
+    for rank, (proc, (_, stderr)) in enumerate(zip(procs, outs)):
+        assert proc.returncode == 2, f"rank {rank} exited {proc.returncode}:\n{stderr[-3000:]}"
+        assert "Traceback" not in stderr, f"rank {rank}:\n{stderr[-3000:]}"
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, f"rank {rank}:\n{stderr[-3000:]}"
+        lines.append(errors[0])
+    return lines

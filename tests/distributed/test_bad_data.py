@@ -1,19 +1,16 @@
 """A bad shard read by one rank of two, mid-run: both ranks stop with the same clean line.
 
 Without the per-step agreement the healthy rank would wait in the next collective until the
-process group's timeout. Two real `launchers/train.py` processes on gloo (FSDP2), started with
-torchrun's worker environment so that each rank's stderr and exit status can be checked.
+process group's timeout. Two real `launchers/train.py` processes on gloo (FSDP2).
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import tarfile
 
 import pytest
 
-from tests.distributed.launch import REPO, env, free_port
+from tests.distributed.launch import error_lines_of_two_ranks
 from tests.distributed.world import recipe_dict, write_recipe
 
 
@@ -33,22 +30,7 @@ def test_a_bad_shard_on_one_rank_stops_both_ranks_with_one_line(world, tmp_path)
                       train={"max_steps": 20, "checkpoint_every": 100})
     raw["data"]["shards"] = [str(world.shards[0]), str(bad)]  # two shards: each rank reads one of them
     recipe = write_recipe(tmp_path / "r.yaml", raw)
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        e = env()
-        e.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DMM_DIST_TIMEOUT_S": "120"})
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "launchers" / "train.py"), "--recipe", str(recipe)],
-                                      cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=300) for p in procs]
-    lines = []
-    for rank, (proc, (_, stderr)) in enumerate(zip(procs, outs)):
-        assert proc.returncode == 2, f"rank {rank} exited {proc.returncode}:\n{stderr[-3000:]}"
-        assert "Traceback" not in stderr, f"rank {rank}:\n{stderr[-3000:]}"
-        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1, f"rank {rank}:\n{stderr[-3000:]}"
-        lines.append(errors[0])
+    lines = error_lines_of_two_ranks(recipe)
     assert lines[0] == lines[1]
     assert lines[0].startswith("error: reading data for step 1 failed on 1 of 2 ranks: rank ")
     assert f"shard {bad}" in lines[0] and "no 'txt' caption" in lines[0]

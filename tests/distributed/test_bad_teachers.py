@@ -9,13 +9,11 @@ the first one exits).
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.distributed.launch import REPO, env, free_port
+from tests.distributed.launch import error_lines_of_two_ranks
 from tests.distributed.world import recipe_dict, write_recipe
 
 
@@ -35,22 +33,7 @@ def test_nan_teacher_on_one_rank_stops_both_with_one_line(world, tmp_path):
     raw = recipe_dict(world, tmp_path / "run", teachers=2, distributed={"engine": "fsdp2"})
     raw["teachers"][1]["path"] = str(bad)  # rank r holds teacher r: only rank 1 loads the bad one
     recipe = write_recipe(tmp_path / "r.yaml", raw)
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        e = env()
-        e.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DMM_DIST_TIMEOUT_S": "120"})
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "launchers" / "train.py"), "--recipe", str(recipe)],
-                                      cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=300) for p in procs]
-    errors = []
-    for rank, (proc, (_, stderr)) in enumerate(zip(procs, outs)):
-        assert proc.returncode == 2, f"rank {rank} exited {proc.returncode}:\n{stderr[-3000:]}"
-        assert "Traceback" not in stderr, f"rank {rank}:\n{stderr[-3000:]}"
-        lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-        assert len(lines) == 1, f"rank {rank}:\n{stderr[-3000:]}"
-        errors.append(lines[0])
+    errors = error_lines_of_two_ranks(recipe)
     assert errors[0] == errors[1]
     assert errors[0].startswith(f"error: teacher loading failed on 1 of 2 ranks: rank 1: teacher 'style1' ({bad}): "
                                 f"non-finite weights, first in {key} (1 of ")
