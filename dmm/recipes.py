@@ -15,7 +15,9 @@ given with `--set` resolve against the current folder.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any, Literal
 import yaml
 
 from dmm.io import atomic_write_text
-from dmm.schema import ConfigError, KeyDoc, build, document, join, setting
+from dmm.schema import ConfigError, KeyDoc, build, document, flatten, join, setting
 
 
 class RecipeError(ConfigError):
@@ -175,28 +177,18 @@ def resumable_keys() -> list[str]:
     return [doc.key for doc in keys() if doc.resumable]
 
 
+@functools.cache
+def _resumable_set() -> frozenset[str]:
+    return frozenset(resumable_keys())
+
+
 def is_resumable(key: str) -> bool:
     """`key` as flattened from a saved recipe (`teachers[0].path`, `data.toyworld.seed`, `plugins[1]`)."""
-    import re
-
     generic = re.sub(r"\[\d+\]", "[]", key)
-    allowed = set(resumable_keys())
+    allowed = _resumable_set()
     parts = generic.split(".")
     return any(".".join(parts[:i]).removesuffix("[]") in allowed or ".".join(parts[:i]) in allowed
                for i in range(1, len(parts) + 1))
-
-
-def _flatten_sources(raw, source: str, prefix: str = "") -> dict[str, str]:
-    out = {}
-    if isinstance(raw, dict):
-        for k, v in raw.items():
-            out.update(_flatten_sources(v, source, join(prefix, k)))
-    elif isinstance(raw, list) and any(isinstance(v, dict) for v in raw):
-        for i, v in enumerate(raw):
-            out.update(_flatten_sources(v, source, f"{prefix}[{i}]"))
-    else:
-        out[prefix] = source
-    return out
 
 
 def _check_moved(raw: dict) -> None:
@@ -286,13 +278,12 @@ def read_recipe(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> t
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path}: the top level must be a mapping of sections (name, model, teachers, "
                           f"...), got {type(raw).__name__}")
-    sources = _flatten_sources(raw, "file")
+    sources = dict.fromkeys(flatten(raw), "file")
     for assignment in overrides:
         key = apply_override(raw, assignment)
         sources = {k: v for k, v in sources.items() if not (k == key or k.startswith(key + ".")
                                                             or k.startswith(key + "["))}
-        sources.update({k if k else key: "--set" for k in _flatten_sources(
-            _get(raw, key.split(".")), "--set", key)})
+        sources.update(dict.fromkeys(flatten(_get(raw, key.split(".")), key), "--set"))
     return raw, sources
 
 
@@ -339,9 +330,8 @@ def validate(recipe: Recipe) -> None:
     for i, t in enumerate(recipe.teachers):
         if not t.name.strip():
             raise RecipeError(f"teachers[{i}].name is empty: give every teacher a style name")
-        if t.format != "auto" or t.options:
-            _check_component("teacher format", t.format, t.options, f"teachers[{i}].format") \
-                if t.format != "auto" else None
+        if t.format != "auto":  # options of `auto` are checked against the detected format at load
+            _check_component("teacher format", t.format, t.options, f"teachers[{i}].format")
     if not recipe.model.base:
         raise RecipeError("model.base is empty: point it at the common base model's diffusers folder")
     if not recipe.data.shards and recipe.data.toyworld is None:
@@ -383,26 +373,12 @@ def explain_recipe(path: str | os.PathLike, overrides: list[str] | tuple = ()) -
     """The resolved recipe, one key per line, with where each value came from."""
     raw, sources = read_recipe(path, overrides)
     recipe = parse_recipe(raw, base=Path(path).resolve().parent, sources=sources)
-    flat = _flatten_sources(recipe.to_dict(), "")
-    values = _flat_values(recipe.to_dict())
-    width = max(len(k) for k in flat)
+    values = flatten(recipe.to_dict())
+    width = max(len(k) for k in values)
     lines = [f"# {path}: resolved recipe (source: default | file | --set)"]
-    for key in flat:
+    for key in values:
         lines.append(f"{key:{width}s} = {values[key]!r:40s}  # {sources.get(key, 'default')}")
     return "\n".join(lines)
-
-
-def _flat_values(d, prefix: str = "") -> dict:
-    out = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(_flat_values(v, join(prefix, k)))
-    elif isinstance(d, list) and any(isinstance(v, dict) for v in d):
-        for i, v in enumerate(d):
-            out.update(_flat_values(v, f"{prefix}[{i}]"))
-    else:
-        out[prefix] = d
-    return out
 
 
 def main(argv=None) -> int:

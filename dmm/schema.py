@@ -43,6 +43,21 @@ def join(where: str, key) -> str:
     return f"{where}.{key}" if where else str(key)
 
 
+def flatten(value, prefix: str = "") -> dict:
+    """Dotted keys of nested mappings (`optim.lr`), a list of mappings item by item
+    (`teachers[0].path`); anything else is one value under `prefix`."""
+    if isinstance(value, dict):
+        items = [(join(prefix, k), v) for k, v in value.items()]
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        items = [(f"{prefix}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return {prefix: value}
+    out = {}
+    for key, v in items:
+        out.update(flatten(v, key))
+    return out
+
+
 def closest(name: str, known: list[str], *, list_all: bool = True) -> str:
     """`; did you mean 'x'?`, else the list of valid names (or nothing, without `list_all`)."""
     close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
@@ -202,4 +217,5 @@ def document(cls, prefix: str = "", toy: bool = False) -> list[KeyDoc]:
     return out
 
 
-__all__ = ["ConfigError", "KeyDoc", "build", "closest", "describe_type", "document", "join", "setting"]
+__all__ = ["ConfigError", "KeyDoc", "build", "closest", "describe_type", "document", "flatten", "join",
+           "setting"]

@@ -27,6 +27,7 @@ import torch
 
 from dmm.engines.base import Engine
 from dmm.recipes import is_resumable
+from dmm.schema import flatten
 from dmm.io import (atomic_torch_save, atomic_write_json, atomic_write_text, make_dir, move_into, remove_dir,
                     restore_replaced, replace_dir)
 
@@ -42,21 +43,6 @@ NEVER = (None, "", "none", "never")
 
 class RunFolderError(ValueError):
     """The run folder cannot be used as asked (an incompatible run, an incomplete checkpoint)."""
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """Dotted keys; a list of mappings flattens item by item (`teachers[0].path`)."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-            for i, x in enumerate(v):
-                out.update(flatten(x, f"{key}[{i}]."))
-        else:
-            out[key] = v
-    return out
 
 
 def _resumable(key: str) -> bool:
