@@ -12,8 +12,8 @@ from pathlib import Path
 from dmm.data.webdata import expand_urls
 from dmm.registry import Registry
 
-# An entry is a callable (data_config, cache_root) -> list of shard paths. `writes_files`: it
-# writes shards, so only the main rank calls it first and the others wait at a barrier.
+# An entry is a callable (data_config, cache_root) -> list of shard paths. One that writes shards
+# says so with a `writes_files = True` attribute: the main rank calls it first, the others wait.
 DATA_SOURCES = Registry("data source", builtins=("dmm.data.sources", "dmm.toyworld.data"))
 
 
@@ -28,7 +28,7 @@ def source_name(data) -> str:
 
 
 def writes_files(name: str) -> bool:
-    return name != "shards"
+    return bool(getattr(DATA_SOURCES.get(name).obj, "writes_files", False))
 
 
 __all__ = ["DATA_SOURCES", "source_name", "writes_files"]

@@ -15,3 +15,6 @@ def toy_shards(data, cache_root: Path) -> list[str]:
     out = Path(cache_root) / f"toy-{toy.n_samples}-{toy.seed}"
     return [str(p) for p in load_world(toy.world).write_shards(out, toy.n_samples, seed=toy.seed,
                                                                samples_per_shard=toy.samples_per_shard)]
+
+
+toy_shards.writes_files = True  # rendered once by the main rank; the other ranks wait, then read them
