@@ -1,7 +1,7 @@
 """Rendering toy-world images in a registered style, deterministically from a seed.
 
-Imports flow one way: render -> styles -> draw. The drawing primitives live in `draw` and are
-re-exported here for older imports; a dataset index plus a seed names one image exactly.
+Imports flow one way: render -> styles -> draw (the drawing primitives). A dataset index plus a
+seed names one image exactly.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from .content import Content
-from .draw import RESOLUTION, SUPERSAMPLE, Geometry, blur, composite, geometry, shape_mask, solid, to_image  # noqa: F401
+from .draw import RESOLUTION, to_image
 from .styles import get_style
 
 
