@@ -20,9 +20,11 @@ from tqdm.auto import tqdm
 from dmm.conditioning import Conditioning, FrozenPipeline, drop_captions
 from dmm.data import DataError, ShardStream
 from dmm.data.sources import source_name, writes_files
-from dmm.distributed import agree
 from dmm.diffusion import add_noise, convert_prediction, predict_x0
+from dmm.distributed import agree
+from dmm.distributed.slurm import any_rank, max_over_ranks
 from dmm.engines import Engine, make_engine
+from dmm.io import make_dir
 from dmm.losses import discriminator_loss, feature_imitation_loss, generator_loss, score_distillation_loss
 from dmm.models.discriminator import MultiClassDiscriminator
 from dmm.models.features import BlockFeatures
@@ -30,7 +32,7 @@ from dmm.models.student import StyleUNet2DConditionModel
 from dmm.recipes import Recipe
 from dmm.registry import get_registry
 from dmm.teachers import check_teacher_paths, load_teacher
-from dmm.train.checkpoint import CheckpointManager, set_rng_state
+from dmm.train.checkpoint import CheckpointManager, RunLock, choose_resume, set_rng_state
 from dmm.train.layout import TeacherLayout
 
 log = logging.getLogger("dmm.train")
@@ -281,9 +283,6 @@ class DistillationTrainer:
         """Decide from `train.resume` and the run folder (`checkpoint.choose_resume`, on the main rank,
         the same outcome or error on every rank) and load the chosen checkpoint. It writes nothing
         but the moving aside of an earlier run on a fresh start, so a refused resume leaves the folder as it was."""
-        from dmm.distributed import agree
-        from dmm.train.checkpoint import choose_resume
-
         def decide():
             if not self.engine.is_main:
                 return None
@@ -311,10 +310,6 @@ class DistillationTrainer:
         """Train to `train.max_steps`, continuing the run folder's run as `train.resume` says. A stop
         request (`stop_flag()` returns a signal number, or True; agreed by the ranks at each step
         boundary) writes a checkpoint and raises StopRequested with `.signum`, `.step`, `.checkpoint`."""
-        from dmm.distributed.slurm import max_over_ranks
-        from dmm.io import make_dir
-        from dmm.train.checkpoint import RunLock
-
         r = self.recipe
         self.saved = (None, None)
         self.run_lock = RunLock(self.out)  # the main rank holds it from the resume check to the end
@@ -359,8 +354,6 @@ class DistillationTrainer:
         """This step's micro-batches. A bad shard met on one rank (a DataError, named by shard and
         sample) stops every rank with the same message instead of leaving the others waiting in the
         next collective: with several ranks they agree on it (one all-reduce of a flag per step)."""
-        from dmm.distributed.slurm import any_rank
-
         failure = None
         try:
             batches = [next(data) for _ in range(self.accum_steps)]
