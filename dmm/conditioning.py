@@ -61,6 +61,64 @@ def size_ids(pipe, resolution: int) -> torch.Tensor:
     return pipe._get_add_time_ids(size, (0, 0), size, dtype=torch.float32, text_encoder_projection_dim=proj_dim)
 
 
+class CaptionEncoder:
+    """Captions -> Conditioning through one set of text encoders, with a bounded cache.
+
+    The trainer has one for the base (the student's conditioning) and one per teacher that brings
+    its own text encoders, so a teacher is conditioned as its own pipeline would condition it, on
+    exactly the same (dropped) captions as the student."""
+
+    def __init__(self, pipe, arch: Arch, time_ids: torch.Tensor | None, cache_size: int = 4096):
+        self.pipe, self.arch, self.time_ids = pipe, arch, time_ids
+        self.device = torch.device("cpu")
+        self._cache: dict[str, tuple] = {}
+        self._cache_size = cache_size
+
+    def to(self, device: torch.device | str) -> CaptionEncoder:
+        self.device = torch.device(device)
+        for name in ("text_encoder", "text_encoder_2"):
+            module = getattr(self.pipe, name, None)
+            if module is not None:
+                module.to(self.device)
+        self._cache.clear()
+        return self
+
+    def with_encoders(self, text_encoder=None, text_encoder_2=None) -> CaptionEncoder:
+        """The same tokenizers and size ids with other text encoders (None keeps this one's)."""
+        parts = dict(self.pipe.components)
+        if text_encoder is not None:
+            parts["text_encoder"] = text_encoder
+        if text_encoder_2 is not None:
+            parts["text_encoder_2"] = text_encoder_2
+        return CaptionEncoder(type(self.pipe)(**parts), self.arch, self.time_ids, self._cache_size).to(self.device)
+
+    def _encode_new(self, captions: list[str]) -> None:
+        """Encode captions not seen before and remember them (bounded cache).
+
+        One caption per call: batched, SDXL's pooled embedding of a caption differed in the last
+        bits with its batch partners (CPU GEMM paths depend on the batch size), so a caption first
+        met before a checkpoint was encoded differently after resuming, breaking bitwise resume.
+        """
+        for caption in captions:
+            embeds, pooled = encode_prompts(self.pipe, [caption], self.device, self.arch)
+            if len(self._cache) >= self._cache_size:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[caption] = (embeds[0], None if pooled is None else pooled[0])
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> Conditioning:
+        new = list(dict.fromkeys(c for c in captions if c not in self._cache))
+        if new:
+            self._encode_new(new)
+        encoded = [self._cache[c] for c in captions]
+        hidden = torch.stack([e[0] for e in encoded])
+        if not self.arch.uses_text_time:
+            return Conditioning(hidden, None)
+        pooled = torch.stack([e[1] for e in encoded])
+        time_ids = self.time_ids.to(hidden.device, hidden.dtype).repeat(len(captions), 1)
+        return Conditioning(hidden, {"text_embeds": pooled, "time_ids": time_ids})
+
+
 class FrozenPipeline:
     """The frozen base pipeline (text encoders, VAE, scheduler, initial UNet) with a caption cache."""
 
@@ -81,20 +139,21 @@ class FrozenPipeline:
         self.resolution = resolution
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.prediction_type = self.noise_scheduler.config.prediction_type
-        self._cache: dict[str, tuple] = {}
-        self._cache_size = cache_size
-        self.time_ids = size_ids(self.pipe, resolution) if self.arch.uses_text_time else None
+        time_ids = size_ids(self.pipe, resolution) if self.arch.uses_text_time else None
+        self.captions = CaptionEncoder(self.pipe, self.arch, time_ids, cache_size)
         self.device = torch.device("cpu")
 
     def to(self, device: torch.device | str) -> FrozenPipeline:
         """Move the frozen text encoders and VAE (the UNet is handed to the student, not moved)."""
         self.device = torch.device(device)
-        for name in ("text_encoder", "text_encoder_2", "vae"):
-            module = getattr(self.pipe, name, None)
-            if module is not None:
-                module.to(self.device)
-        self._cache.clear()
+        if getattr(self.pipe, "vae", None) is not None:
+            self.pipe.vae.to(self.device)
+        self.captions.to(self.device)
         return self
+
+    @property
+    def time_ids(self) -> torch.Tensor | None:
+        return self.captions.time_ids
 
     @property
     def unet(self):
@@ -116,31 +175,8 @@ class FrozenPipeline:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
-    def _encode_new(self, captions: list[str]) -> None:
-        """Encode captions not seen before and remember them (bounded cache).
-
-        One caption per call: batched, SDXL's pooled embedding of a caption differed in the last
-        bits with its batch partners (CPU GEMM paths depend on the batch size), so a caption first
-        met before a checkpoint was encoded differently after resuming, breaking bitwise resume.
-        """
-        for caption in captions:
-            embeds, pooled = encode_prompts(self.pipe, [caption], self.device, self.arch)
-            if len(self._cache) >= self._cache_size:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[caption] = (embeds[0], None if pooled is None else pooled[0])
-
-    @torch.no_grad()
     def encode_captions(self, captions: list[str]) -> Conditioning:
-        new = list(dict.fromkeys(c for c in captions if c not in self._cache))
-        if new:
-            self._encode_new(new)
-        encoded = [self._cache[c] for c in captions]
-        hidden = torch.stack([e[0] for e in encoded])
-        if not self.arch.uses_text_time:
-            return Conditioning(hidden, None)
-        pooled = torch.stack([e[1] for e in encoded])
-        time_ids = self.time_ids.to(hidden.device, hidden.dtype).repeat(len(captions), 1)
-        return Conditioning(hidden, {"text_embeds": pooled, "time_ids": time_ids})
+        return self.captions.encode(captions)
 
 
 def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
