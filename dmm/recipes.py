@@ -73,6 +73,9 @@ class DataConfig:
                                                "teacher", ge=0.0, lt=1.0)
     shuffle_buffer: int = setting(256, help="webdataset shuffle buffer (samples)", ge=0)
     num_workers: int = setting(0, help="data loader worker processes", ge=0, resumable=True)
+    precomputed: str = setting("", path=True, help="a folder of precomputed latents and text conditioning "
+                                                   "(python -m dmm.data.precompute): training loads no VAE or text "
+                                                   "encoder; its manifest must match this recipe")
 
 
 @dataclass

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("dmm.schema", "dmm.registry", "dmm.io", "dmm.diffusion", "dmm.recipes"),
     ("dmm.models", "dmm.distributed", "dmm.data", "dmm.conditioning", "dmm.sampling"),
-    ("dmm.teachers", "dmm.pipeline", "dmm.merge"),
+    ("dmm.teachers", "dmm.pipeline", "dmm.merge", "dmm.data.precompute"),
     ("dmm.losses",),
     ("dmm.engines",),
     ("dmm.train",),
@@ -29,10 +29,9 @@ LAYERS = [
 
 
 def layer_of(module: str) -> int | None:
-    for i, names in enumerate(LAYERS):
-        if any(module == n or module.startswith(n + ".") for n in names):
-            return i
-    return None
+    """The layer of the most specific name that holds `module` (dmm.data.precompute sits above dmm.data)."""
+    found = [(len(n), i) for i, names in enumerate(LAYERS) for n in names if module == n or module.startswith(n + ".")]
+    return max(found)[1] if found else None
 
 
 def modules() -> dict[str, Path]:

@@ -81,6 +81,12 @@ def expand_urls(patterns: list[str]) -> list[str]:
 
 def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     """Centre-crop to a square, resize, scale to [-1, 1], CHW."""
+    return prepare_image(image, resolution)[0]
+
+
+def prepare_image(image: Image.Image, resolution: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(pixels as `to_tensor` makes them, SDXL size ids): the ids are (original height, width, crop
+    top, left, target height, width), the crop's corner in target pixels, as SDXL was trained."""
     image = image.convert("RGB")
     w, h = image.size
     side = min(w, h)
@@ -89,7 +95,8 @@ def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     if side != resolution:
         image = image.resize((resolution, resolution), Image.BICUBIC)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1)
+    ids = (h, w, round(top * resolution / side), round(left * resolution / side), resolution, resolution)
+    return torch.from_numpy(array).permute(2, 0, 1), ids
 
 
 class ShardStream:
@@ -139,7 +146,7 @@ class ShardStream:
                 raise DataError(f"data: shard {url}: not a readable tar file ({reason}); re-write it or remove "
                                 "it from data.shards") from None
 
-    def _decode(self, sample: dict) -> tuple[torch.Tensor, str]:
+    def _decode(self, sample: dict) -> tuple[torch.Tensor, str, tuple[int, ...]]:
         where = f"data: shard {sample.get('__url__')}, sample {sample.get('__key__')}"
         keys = ", ".join(sorted(k for k in sample if not k.startswith("__")))
         if self.image_key not in sample:
@@ -147,7 +154,7 @@ class ShardStream:
         if self.caption_key not in sample:
             raise DataError(f"{where}: no {self.caption_key!r} caption (keys: {keys}); set data.caption_key")
         try:
-            image = to_tensor(Image.open(io.BytesIO(sample[self.image_key])), self.resolution)
+            image, ids = prepare_image(Image.open(io.BytesIO(sample[self.image_key])), self.resolution)
         except (OSError, ValueError, SyntaxError) as err:  # PIL: UnidentifiedImageError, truncated data
             raise DataError(f"{where}: {self.image_key!r} is not a readable image ({' '.join(str(err).split())}); "
                             "re-write this sample or drop the shard") from None
@@ -159,7 +166,12 @@ class ShardStream:
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
             raise DataError(f"{where}: cannot read a caption from {self.caption_key!r} ({type(err).__name__}: "
                             f"{err}); a json caption is {{\"caption\": ...}}, text is UTF-8") from None
-        return image, caption
+        return image, caption, ids
+
+    def _collate(self, decoded: list) -> dict:
+        """One batch: pixels, captions and each sample's SDXL size ids (original, crop, target)."""
+        return {"pixels": torch.stack([d[0] for d in decoded]), "captions": [d[1] for d in decoded],
+                "size_ids": torch.tensor([d[2] for d in decoded], dtype=torch.long)}
 
     def _epoch_samples(self, epoch: int) -> Iterator[dict]:
         """This rank's raw (undecoded) samples of one epoch, shuffled through a seeded buffer."""
@@ -189,9 +201,7 @@ class ShardStream:
                 if len(pending) == self.batch_size:
                     batch = None
                     if keep is None or keep(index):
-                        decoded = [self._decode(x) for x in pending]
-                        batch = {"pixels": torch.stack([d[0] for d in decoded]),
-                                 "captions": [d[1] for d in decoded]}
+                        batch = self._collate([self._decode(x) for x in pending])
                     yield batch, epoch, consumed
                     index += 1
                     pending = []
