@@ -8,6 +8,7 @@ frozen base with a caption cache) and the toy world's caption table both use the
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,10 +120,15 @@ class CaptionEncoder:
         return Conditioning(hidden, {"text_embeds": pooled, "time_ids": time_ids})
 
 
-class FrozenPipeline:
-    """The frozen base pipeline (text encoders, VAE, scheduler, initial UNet) with a caption cache."""
+# What training from precomputed inputs never loads (dmm.data.precompute made their outputs).
+ENCODER_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
-    def __init__(self, path: str | Path, *, resolution: int, cache_size: int = 4096):
+
+class FrozenPipeline:
+    """The frozen base pipeline (text encoders, VAE, scheduler, initial UNet) with a caption cache.
+    `encoders=False`: scheduler and UNet only (training from precomputed latents and conditioning)."""
+
+    def __init__(self, path: str | Path, *, resolution: int, cache_size: int = 4096, encoders: bool = True):
         path = Path(path)
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(
@@ -130,7 +136,9 @@ class FrozenPipeline:
                 "point model.base at the base model's folder"
             )
         self.path = path
-        self.pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+        parts = json.loads((path / "model_index.json").read_text())
+        skip = {} if encoders else {name: None for name in ENCODER_PARTS if name in parts}
+        self.pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **skip)
         for name in ("text_encoder", "text_encoder_2", "vae", "unet"):
             module = getattr(self.pipe, name, None)
             if module is not None:
@@ -139,8 +147,10 @@ class FrozenPipeline:
         self.resolution = resolution
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.prediction_type = self.noise_scheduler.config.prediction_type
-        time_ids = size_ids(self.pipe, resolution) if self.arch.uses_text_time else None
-        self.captions = CaptionEncoder(self.pipe, self.arch, time_ids, cache_size)
+        self.captions: CaptionEncoder | None = None
+        if encoders:
+            time_ids = size_ids(self.pipe, resolution) if self.arch.uses_text_time else None
+            self.captions = CaptionEncoder(self.pipe, self.arch, time_ids, cache_size)
         self.device = torch.device("cpu")
 
     def to(self, device: torch.device | str) -> FrozenPipeline:
@@ -148,12 +158,13 @@ class FrozenPipeline:
         self.device = torch.device(device)
         if getattr(self.pipe, "vae", None) is not None:
             self.pipe.vae.to(self.device)
-        self.captions.to(self.device)
+        if self.captions is not None:
+            self.captions.to(self.device)
         return self
 
     @property
     def time_ids(self) -> torch.Tensor | None:
-        return self.captions.time_ids
+        return None if self.captions is None else self.captions.time_ids
 
     @property
     def unet(self):
@@ -176,6 +187,9 @@ class FrozenPipeline:
         return (latents - shift) * vae.config.scaling_factor
 
     def encode_captions(self, captions: list[str]) -> Conditioning:
+        if self.captions is None:
+            raise RuntimeError("this FrozenPipeline was loaded without text encoders (precomputed inputs): "
+                               "the batch carries the conditioning")
         return self.captions.encode(captions)
 
 
