@@ -36,11 +36,20 @@ class RecipeError(ConfigError):
 @dataclass
 class TeacherSpec:
     name: str = setting(help="style name of this teacher; the student's style prompt of the same name")
-    path: str = setting(help="diffusers folder or single-file checkpoint of the fine-tuned model", path=True)
+    path: str = setting("", help="diffusers folder or single-file checkpoint of the fine-tuned model (a LoRA "
+                                 "teacher gives `lora` instead)", path=True)
     format: str = setting("auto", help="teacher format (auto detects diffusers folder, .safetensors or .ckpt)",
                           registry="teacher format")
     allow_pickle: bool = setting(False, help="load a pickled .ckpt (read with torch.load(weights_only=True))")
     options: dict[str, Any] = setting(default_factory=dict, help="options of the teacher format (see its entry)")
+    text_encoder: Literal["auto", "own", "base"] = setting(
+        "auto", help="auto: the teacher's own text encoder(s) where they differ from the base's weights; own: "
+                     "require them; base: always the base's")
+    lora: str = setting("", path=True, help="a LoRA file (.safetensors; kohya, diffusers or peft layout): the "
+                                            "teacher is `base` with it fused at `scale` (format lora)")
+    base: str = setting("", path=True, help="LoRA teachers: the pipeline folder the LoRA was trained on; empty: "
+                                            "model.base")
+    scale: float = setting(1.0, help="LoRA teachers: strength of the LoRA fused into its base")
 
 
 @dataclass
@@ -88,6 +97,14 @@ class LossConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    name: str = setting("dmm", registry="objective",
+                        help="what a training step computes: dmm (the paper's three losses) or a registered stage")
+    options: dict[str, Any] = setting(default_factory=dict,
+                                      help="options of the objective (python -m dmm.recipes --explain objective)")
+
+
+@dataclass
 class OptimConfig:
     lr: float = setting(1e-5, help="student learning rate (AdamW)", gt=0.0)
     disc_lr: float = setting(1e-5, help="discriminator learning rate (AdamW)", gt=0.0)
@@ -115,6 +132,24 @@ class TrainConfig:
                                "there moves to previous-runs/<time>/); latest; or a checkpoint folder")
     gradient_checkpointing: bool = setting(False, help="recompute activations in backward (less memory)",
                                            resumable=True)
+
+
+@dataclass
+class LogConfig:
+    """TensorBoard extras beyond the losses (dmm/train/tblog.py); none of them changes what is trained."""
+
+    samples: bool = setting(True, resumable=True,
+                            help="sample grids of every style at each checkpoint (main rank; a few images, few "
+                                 "steps; the same prompts and seeds every time)")
+    sample_prompts: list[str] = setting(default_factory=list, resumable=True,
+                                        help="prompts of the grids (one column each); empty: the first distinct "
+                                             "captions of the training shards")
+    num_prompts: int = setting(4, help="columns per grid when sample_prompts is empty", ge=1, resumable=True)
+    sample_steps: int = setting(8, help="sampler steps of the grids (the base pipeline's scheduler)", ge=1,
+                                resumable=True)
+    sample_guidance_scale: float = setting(3.0, help="classifier-free guidance scale of the grids", ge=0.0,
+                                           resumable=True)
+    sample_seed: int = setting(0, help="seed of the grids' first column (one seed per column)", resumable=True)
 
 
 @dataclass
@@ -146,9 +181,12 @@ class Recipe:
                                  help="modules or .py files imported first; they register engines, formats, ...")
     data: DataConfig = setting(default_factory=DataConfig, help="training data")
     loss: LossConfig = setting(default_factory=LossConfig, help="loss weights")
+    objective: ObjectiveConfig = setting(default_factory=ObjectiveConfig, help="what a training step computes")
     optim: OptimConfig = setting(default_factory=OptimConfig, help="optimizers")
     train: TrainConfig = setting(default_factory=TrainConfig, help="the training loop and the run folder")
     distributed: DistributedConfig = setting(default_factory=DistributedConfig, help="engine and scale-out")
+    log: LogConfig = setting(default_factory=LogConfig, resumable=True,
+                             help="TensorBoard extras: sample grids, learning rates, per-teacher losses")
     sample: SampleConfig = setting(default_factory=SampleConfig, toy=True, help="the demo summary's sampling")
 
     @property
@@ -315,6 +353,27 @@ def _check_component(kind: str, name: str, options: dict | None, where: str):
             raise RecipeError(str(err)) from None
 
 
+def _fold_lora(t: TeacherSpec, where: str) -> None:
+    """`{lora, base, scale}` is the short form of `{path: <lora>, format: lora, options: {scale, base}}`:
+    fold it into the format's options so every loader sees one form (idempotent: a saved recipe re-reads)."""
+    if not t.lora:
+        if t.base or t.scale != 1.0:
+            raise RecipeError(f"{where}: `base` and `scale` belong to LoRA teachers; add `lora: <file>` or drop them")
+        if not t.path:
+            raise RecipeError(f"{where}: give `path` (a fine-tuned model) or `lora` (a LoRA file on a base)")
+        return
+    if t.path and t.path != t.lora:
+        raise RecipeError(f"{where}: give either `path` (a fine-tuned model) or `lora` (a LoRA file), not both")
+    if t.format not in ("auto", "lora"):
+        raise RecipeError(f"{where}: a `lora` teacher has format lora, not {t.format!r}; drop `format`")
+    folded = {"scale": t.scale, **({"base": t.base} if t.base else {})}
+    clash = sorted(k for k, v in folded.items() if k in t.options and t.options[k] != v)
+    if clash:
+        raise RecipeError(f"{where}: options.{clash[0]} ({t.options[clash[0]]!r}) disagrees with {clash[0]}: "
+                          f"({folded[clash[0]]!r}); give it once")
+    t.path, t.format, t.options = t.lora, "lora", {**t.options, **folded}
+
+
 def validate(recipe: Recipe) -> None:
     """Checks across keys, and names against the live registries (after importing `plugins`)."""
     from dmm.registry import load_plugin
@@ -333,6 +392,7 @@ def validate(recipe: Recipe) -> None:
     for i, t in enumerate(recipe.teachers):
         if not t.name.strip():
             raise RecipeError(f"teachers[{i}].name is empty: give every teacher a style name")
+        _fold_lora(t, f"teachers[{i}]")
         if t.format != "auto":  # options of `auto` are checked against the detected format at load
             _check_component("teacher format", t.format, t.options, f"teachers[{i}].format")
     if not recipe.model.base:
@@ -345,6 +405,7 @@ def validate(recipe: Recipe) -> None:
     if out.exists() and not out.is_dir():
         raise RecipeError(f"train.output_dir {out} is an existing file; choose a folder")
     _check_component("engine", recipe.distributed.engine, recipe.distributed.options, "distributed.engine")
+    _check_component("objective", recipe.objective.name, recipe.objective.options, "objective.name")
 
 
 # ----------------------------------------------------------------------------- explain
@@ -405,7 +466,9 @@ def main(argv=None) -> int:
             for section, kind, where in (("distributed", "engine", "distributed.engine, options under "
                                           "distributed.options"),
                                          ("teachers", "teacher format", "teachers[].format, options under "
-                                          "teachers[].options")):
+                                          "teachers[].options"),
+                                         ("objective", "objective", "objective.name, options under "
+                                          "objective.options")):
                 if args.explain in ("", section):
                     print(f"\n{kind}s ({where}):\n{get_registry(kind).describe()}")
     except ConfigError as err:

@@ -127,6 +127,7 @@ PROVIDERS = {
     "merge method": "dmm.merge",
     "cli verb": "dmm.cli",
     "toy style": "dmm.toyworld.styles",
+    "objective": "dmm.objectives",
 }
 
 

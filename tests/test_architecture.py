@@ -20,6 +20,7 @@ LAYERS = [
     ("dmm.models", "dmm.distributed", "dmm.data", "dmm.conditioning", "dmm.sampling"),
     ("dmm.teachers", "dmm.pipeline", "dmm.merge", "dmm.data.precompute"),
     ("dmm.losses",),
+    ("dmm.objectives",),
     ("dmm.engines",),
     ("dmm.train",),
     ("dmm.toyworld", "dmm.testing"),

@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dmm.objectives.dmm import StepInputs
 from dmm.pipeline import generate, load_merged
 from dmm.train.run import run
 from dmm.train.trainer import DistillationTrainer, TrainingDiverged
@@ -51,7 +52,8 @@ def test_each_sample_is_supervised_by_its_own_teacher(world, tmp_path):
     x = torch.randn(4, 4, 8, 8)
     t = torch.tensor([1, 200, 500, 900])
     cond = trainer.base.encode_captions(["a red circle"] * 4)
-    out, _ = trainer._teacher_outputs(x, t, cond, trainer.batch_styles, want_features=False)
+    inputs = StepInputs(x, ["a red circle"] * 4, cond)
+    out, _ = trainer.objective.teacher_outputs(x, t, inputs, trainer.micro_groups[0], want_features=False)
     for j, style in enumerate(trainer.batch_styles.tolist()):
         unet = trainer.teachers[style].unet
         ref = unet(x[j : j + 1], t[j : j + 1], cond.encoder_hidden_states[j : j + 1],

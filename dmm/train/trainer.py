@@ -1,9 +1,8 @@
-"""The DMM distillation trainer: one student, N frozen teachers, three losses (Algorithm 1).
+"""The training loop: one student, N frozen teachers, a registered objective (dmm/objectives/).
 
-Each step, for this rank's batch: noisy latents of real images, one teacher style per sample,
-student and teacher predictions (with block features), then
-  L_student = L_score + lambda_feat * L_feat + lambda_adv * L_gen     (student update)
-  L_disc    = CE(D(x0_student), N + i) + CE(D(x0_teacher), i)        (discriminator update)
+The loop owns the engine, data, checkpoints, resume, logging and signals; what a micro-step
+computes (the paper's three losses for `dmm`) is the objective's. The layout gives every rank its
+teachers and every sample its style before the first step.
 """
 
 from __future__ import annotations
@@ -17,23 +16,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dmm.conditioning import Conditioning, FrozenPipeline, drop_captions
+from dmm.conditioning import FrozenPipeline
 from dmm.data import DataError, ShardStream
 from dmm.data.sources import source_name, writes_files
-from dmm.diffusion import add_noise, convert_prediction, predict_x0
 from dmm.distributed import agree
 from dmm.distributed.slurm import any_rank, max_over_ranks
 from dmm.engines import Engine, make_engine
 from dmm.io import make_dir
-from dmm.losses import discriminator_loss, feature_imitation_loss, generator_loss, score_distillation_loss
-from dmm.models.discriminator import MultiClassDiscriminator
-from dmm.models.features import BlockFeatures
 from dmm.models.student import StyleUNet2DConditionModel
+from dmm.objectives import make_objective
 from dmm.recipes import Recipe
 from dmm.registry import get_registry
 from dmm.teachers import check_teacher_paths, load_teacher
 from dmm.train.checkpoint import CheckpointManager, RunLock, choose_resume, set_rng_state
 from dmm.train.layout import TeacherLayout
+from dmm.train.tblog import TrainingBoard, log_sample_grids
 
 log = logging.getLogger("dmm.train")
 
@@ -64,9 +61,9 @@ class DistillationTrainer:
         self.device = self.engine.device
         torch.manual_seed(recipe.train.seed)
         self.base = self._build_base()
-        self.use_adv = recipe.loss.lambda_adv > 0
         student = self._build_student()  # the order of builders is the order random numbers are drawn
         self.teachers = self._build_teachers()
+        self.objective = make_objective(recipe.objective.name, self, recipe.objective.options)
         models = self._build_trained_models(student)
         optimizers = {k: self._optimizer(k, m) for k, m in models.items()}
         self.models = self.engine.prepare(models, optimizers, self._schedulers(optimizers))
@@ -83,9 +80,13 @@ class DistillationTrainer:
         self.layout = TeacherLayout(self.engine.world_size, self.num_styles, self.accum_steps)
         self.local_teachers = self.layout.teachers_for_rank(self.engine.rank)
         # One style vector per gradient-accumulation micro-step (teachers rotate through them; layout.py).
-        self.micro_styles = [torch.tensor(self.layout.styles_for_batch(self.engine.rank, r.data.batch_size, m),
-                                          device=self.engine.device) for m in range(self.accum_steps)]
+        styles = [self.layout.styles_for_batch(self.engine.rank, r.data.batch_size, m) for m in range(self.accum_steps)]
+        self.micro_styles = [torch.tensor(s, device=self.engine.device) for s in styles]
         self.batch_styles = self.micro_styles[0]
+        # Which samples each local teacher supervises, per micro-step: known in advance, so the step
+        # never asks the device which samples belong to a teacher.
+        self.micro_groups = [{i: [j for j, s in enumerate(row) if s == i] for i in self.local_teachers}
+                             for row in styles]
         # Collective: a teacher missing on one rank (node) stops every rank with the same message.
         agree(check_teacher_paths, [r.teachers[i] for i in self.local_teachers], what="teacher check",
               collective=self.engine.world_size > 1)
@@ -106,6 +107,12 @@ class DistillationTrainer:
         }, what="teacher loading", collective=self.engine.world_size > 1)
         for teacher in teachers.values():
             teacher.unet.to(self.device)
+        # A teacher with its own text encoder(s) is conditioned through them (`text_encoder: auto|own`).
+        self.teacher_captions = {
+            i: self.base.captions.with_encoders(t.text_encoder, t.text_encoder_2)
+            for i, t in teachers.items()
+            if getattr(t, "text_encoder", None) is not None or getattr(t, "text_encoder_2", None) is not None
+        }
         return teachers
 
     def _build_student(self) -> StyleUNet2DConditionModel:
@@ -115,10 +122,9 @@ class DistillationTrainer:
         return student
 
     def _build_trained_models(self, student) -> dict[str, torch.nn.Module]:
-        """Student and (with the adversarial loss) the discriminator, trainable, on the device."""
-        models = {"student": student}
-        if self.use_adv:
-            models["disc"] = MultiClassDiscriminator(self.base.unet, self.num_styles)
+        """The objective's trained models (the student; the discriminator with the adversarial loss),
+        trainable, on the device."""
+        models = self.objective.trained_models(student)
         self.base.pipe.unet = None  # the student now holds the base weights; free the copy
         for model in models.values():
             # The discriminator's encoder is copied from the frozen base UNet: make every trained
@@ -158,44 +164,12 @@ class DistillationTrainer:
                            caption_key=r.data.caption_key, shuffle_buffer=r.data.shuffle_buffer,
                            num_workers=r.data.num_workers)
 
-    def _autocast(self):
+    def autocast(self):
         if self.recipe.train.mixed_precision == "bf16":
             return torch.autocast(self.engine.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     # ----------------------------------------------------------------- one step
-    def _teacher_outputs(self, x_t, t, cond: Conditioning, styles, want_features: bool):
-        out = torch.empty_like(x_t, dtype=torch.float32)
-        feats: dict[str, torch.Tensor] = {}
-        for i, teacher in self.teachers.items():
-            idx = (styles == i).nonzero().flatten()
-            if idx.numel() == 0:
-                continue
-            sub = cond.select(idx)
-            dtype = next(teacher.unet.parameters()).dtype
-            kwargs = {k: {n: v.to(dtype) for n, v in a.items()} for k, a in sub.unet_kwargs().items()}
-            hooks = BlockFeatures(teacher.unet, detach=True) if want_features else contextlib.nullcontext()
-            with torch.no_grad(), hooks as recorder:
-                pred = teacher.unet(x_t[idx].to(dtype), t[idx], sub.encoder_hidden_states.to(dtype), **kwargs).sample
-            if teacher.prediction_type != self.base.prediction_type:
-                pred = convert_prediction(pred, x_t[idx], t[idx], self.base.alphas_cumprod,
-                                          teacher.prediction_type, self.base.prediction_type)
-            out[idx] = pred.float()
-            if want_features:
-                for name, f in recorder.outputs.items():
-                    if name not in feats:
-                        feats[name] = torch.empty((x_t.shape[0], *f.shape[1:]), dtype=torch.float32,
-                                                  device=x_t.device)
-                    feats[name][idx] = f.float()
-        return out, feats
-
-    def _disc_logits(self, x0, cond: Conditioning):
-        # Random numbers come from the CPU generator (saved in checkpoints), whatever the device.
-        t = torch.randint(0, self.recipe.loss.disc_t_max, (x0.shape[0],), generator=self.generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=self.generator).to(x0.device)
-        x_t = add_noise(x0, noise, t, self.base.alphas_cumprod)
-        return self.models["disc"](x_t, t, cond.encoder_hidden_states, cond.added_cond_kwargs)
-
     def train_step(self, batch: dict | list[dict]) -> dict[str, float]:
         """One optimizer step over `grad_accum_steps` micro-batches (a list; one dict when it is 1)."""
         r = self.recipe
@@ -204,62 +178,22 @@ class DistillationTrainer:
             raise ValueError(f"train_step got {len(batches)} micro-batches, grad_accum_steps is {self.accum_steps}")
         totals: dict[str, float] = {}
         for m, micro in enumerate(batches):
-            losses = self.micro_step(micro, self.micro_styles[m], 1.0 / len(batches))
+            losses = self.micro_step(micro, self.micro_styles[m], 1.0 / len(batches), self.micro_groups[m])
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / len(batches)
         stats = {"grad_norm": self.engine.step("student", r.optim.grad_clip)}
-        if self.use_adv:
+        if "disc" in self.models:
             stats["disc_grad_norm"] = self.engine.step("disc", r.optim.grad_clip)
         return {**totals, **stats}
 
-    def micro_step(self, batch: dict, styles: torch.Tensor, scale: float = 1.0) -> dict[str, torch.Tensor]:
-        """Forward and backward of both losses on one micro-batch (gradients accumulate, scaled by
-        `scale`); the optimizers step in `train_step`. The discriminator's forward passes do not
-        depend on the student's weights, so stepping both after the last micro-step is exact."""
-        r = self.recipe
-        latents = self.base.encode_images(batch["pixels"].to(self.device))
-        captions = drop_captions(batch["captions"], r.data.caption_dropout, self.generator)
-        cond = self.base.encode_captions(captions)
-        noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
-        t = torch.randint(0, self.base.num_train_timesteps, (latents.shape[0],), generator=self.generator).to(self.device)
-        x_t = add_noise(latents, noise, t, self.base.alphas_cumprod)
-        want_feat = r.loss.lambda_feat > 0
+    def micro_step(self, batch: dict, styles: torch.Tensor, scale: float = 1.0,
+                   groups: dict[int, list[int]] | None = None) -> dict[str, torch.Tensor]:
+        """The objective's forward and backward of one micro-batch (the optimizers step in `train_step`)."""
+        if groups is None:  # called directly (tests): group by the given styles
+            groups = {i: [j for j, s in enumerate(styles.tolist()) if s == i] for i in self.teachers}
+        return self.objective.micro_step(batch, styles, scale, groups)
 
-        teacher_out, teacher_feats = self._teacher_outputs(x_t, t, cond, styles, want_feat)
-        student = self.models["student"]
-        hooks = BlockFeatures(student) if want_feat else contextlib.nullcontext()
-        with self._autocast(), hooks as recorder:
-            student_out = student(x_t, t, cond.encoder_hidden_states, class_labels=styles,
-                                  **cond.unet_kwargs()).sample
-        losses = {"score": score_distillation_loss(student_out, teacher_out)}
-        total = losses["score"]
-        if want_feat:
-            losses["feat"] = feature_imitation_loss(recorder.outputs, teacher_feats)
-            total = total + r.loss.lambda_feat * losses["feat"]
-        if self.use_adv:
-            ac = self.base.alphas_cumprod
-            x0_student = predict_x0(student_out, x_t, t, ac, self.base.prediction_type)
-            disc = self.models["disc"]
-            disc.requires_grad_(False)
-            with self._autocast():
-                losses["gen"] = generator_loss(self._disc_logits(x0_student, cond), styles, self.num_styles)
-            disc.requires_grad_(True)
-            total = total + r.loss.lambda_adv * losses["gen"]
-        losses["total"] = total
-        self._check_finite(losses)
-        self.engine.backward("student", total * scale if scale != 1.0 else total)
-
-        if self.use_adv:
-            x0_teacher = predict_x0(teacher_out, x_t, t, self.base.alphas_cumprod, self.base.prediction_type)
-            with self._autocast():
-                fake = self._disc_logits(x0_student.detach(), cond)
-                real = self._disc_logits(x0_teacher, cond)
-                losses["disc"] = discriminator_loss(fake, real, styles, self.num_styles)
-            self._check_finite({"disc": losses["disc"]})
-            self.engine.backward("disc", losses["disc"] * scale if scale != 1.0 else losses["disc"])
-        return losses
-
-    def _check_finite(self, losses: dict[str, torch.Tensor]) -> None:
+    def check_finite(self, losses: dict[str, torch.Tensor]) -> None:
         bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
         if bad:
             last = self.checkpoints.latest()
@@ -275,7 +209,8 @@ class DistillationTrainer:
 
     def save_checkpoint(self) -> Path:
         folder = self.checkpoints.save(self.engine, self.step, self._trainer_state(),
-                                       {"data": self.stream.state_dict(), "generator": self.generator.get_state()})
+                                       {"data": self.stream.state_dict(), "generator": self.generator.get_state(),
+                                        "objective": self.objective.state_dict()})
         self.saved = (self.step, folder)
         return folder
 
@@ -298,6 +233,7 @@ class DistillationTrainer:
             self.engine.load(folder)
             self.stream.load_state_dict(rank_state["data"])
             self.generator.set_state(rank_state["generator"])
+            self.objective.load_state_dict(rank_state.get("objective", {}))
             set_rng_state(rank_state["rng"])
             self.step = state["step"]
             self.saved = (self.step, folder)
@@ -316,13 +252,13 @@ class DistillationTrainer:
         with contextlib.ExitStack() as cleanup:
             cleanup.callback(self.run_lock.release)
             self.maybe_resume()  # refuses an incompatible run before anything is written
+            board = None  # TensorBoard (dmm/train/tblog.py), on the main rank
             if self.engine.is_main:
                 make_dir(self.out)
                 r.save(self.out / "recipe.yaml")
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(self.out / "tb"))
-                cleanup.callback(self.writer.flush)
+                board = TrainingBoard(self.out / "tb", r, self.micro_styles, self.step)
+                self.writer = board.writer
+                cleanup.callback(board.close)
             bar = tqdm(total=r.train.max_steps, initial=self.step, desc="distill", disable=not self.engine.is_main,
                        dynamic_ncols=True)
             cleanup.callback(bar.close)
@@ -341,13 +277,14 @@ class DistillationTrainer:
                 bar.update(1)
                 if self.engine.is_main and (self.step % r.train.log_every == 0 or self.step == r.train.max_steps):
                     bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("score", "feat", "gen", "disc")})
-                    for k, v in metrics.items():
-                        self.writer.add_scalar(f"train/{k}", v, self.step)
+                    board.log_step(metrics, self.step, getattr(self.engine, "schedulers", None))
                     elapsed = time.time() - started
                     samples = r.data.batch_size * self.accum_steps * self.engine.world_size * (self.step - start_step)
                     self.writer.add_scalar("perf/samples_per_s", samples / max(elapsed, 1e-9), self.step)
                 if self.step % r.train.checkpoint_every == 0 or self.step == r.train.max_steps:
                     self.save_checkpoint()
+                    log_sample_grids(board, self.engine, self.models["student"], r, self.base.pipe, self.stream,
+                                     self.step)
         return self.saved[1] or self.checkpoints.latest()
 
     def _next_batches(self, data) -> list[dict]:

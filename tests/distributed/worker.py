@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -103,6 +104,28 @@ def props(recipe, out: Path) -> None:
     (out / f"props.rank{rank}.json").write_text(json.dumps(result, indent=1))
 
 
+def own_te(recipe, out: Path) -> None:
+    """Each rank's teacher targets against its teacher's own pipeline (own text encoders on rank 1)."""
+    from dmm.objectives.dmm import StepInputs
+    from tests.teacher_reference import direct_targets
+
+    trainer = DistillationTrainer(recipe)
+    rank = trainer.engine.rank
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([5, 700])
+    captions = ["red circle", ""]
+    groups = trainer.micro_groups[0]
+    inputs = StepInputs(x, captions, trainer.base.encode_captions(captions))
+    got, _ = trainer.objective.teacher_outputs(x, t, inputs, groups, want_features=False)
+    (i,) = trainer.local_teachers
+    ref = direct_targets(Path(recipe.teachers[i].path), x, t, captions, recipe.data.resolution)
+    metrics = trainer.train_step(next(iter(trainer.stream)))
+    result = {"rank": rank, "teacher": i, "own_encoders": sorted(trainer.teacher_captions),
+              "max_diff": float((got - ref).abs().max()), "finite": all(map(math.isfinite, metrics.values()))}
+    (out / f"own_te.rank{rank}.json").write_text(json.dumps(result))
+    trainer.engine.barrier()
+
+
 def train(recipe, out: Path, kill_in_save: int | None) -> None:
     trainer = DistillationTrainer(recipe)
     if kill_in_save is not None:
@@ -136,7 +159,7 @@ def train(recipe, out: Path, kill_in_save: int | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["props", "train"])
+    parser.add_argument("mode", choices=["props", "train", "own_te"])
     parser.add_argument("recipe")
     parser.add_argument("out")
     parser.add_argument("--kill-in-save", type=int, default=None)
@@ -148,6 +171,8 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     if args.mode == "props":
         props(recipe, out)
+    elif args.mode == "own_te":
+        own_te(recipe, out)
     else:
         train(recipe, out, args.kill_in_save)
     if torch.distributed.is_initialized():

@@ -1,0 +1,150 @@
+"""The `dmm` objective: the paper's Algorithm 1, one micro-batch at a time.
+
+For this rank's samples: noisy latents of real images, one teacher style per sample, student and
+teacher predictions (with block features), then
+  L_student = L_score + lambda_feat * L_feat + lambda_adv * L_gen     (student update)
+  L_disc    = CE(D(x0_student), N + i) + CE(D(x0_teacher), i)        (discriminator update)
+The steps are methods so that a stage that differs in one of them (another target, another input)
+overrides only that one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from dmm.conditioning import Conditioning, drop_captions
+from dmm.diffusion import add_noise, convert_prediction, predict_x0
+from dmm.losses import discriminator_loss, feature_imitation_loss, generator_loss, score_distillation_loss
+from dmm.losses.score import score_parts
+from dmm.models.discriminator import MultiClassDiscriminator
+from dmm.models.features import BlockFeatures
+from dmm.objectives import OBJECTIVES, Objective
+
+
+@dataclass
+class StepInputs:
+    """One micro-batch ready for the UNets: clean latents, the (dropped) captions and their conditioning."""
+
+    latents: torch.Tensor
+    captions: list[str]
+    cond: Conditioning
+
+
+@OBJECTIVES.register("dmm", description="score distillation + feature imitation + multi-class adversarial loss "
+                                        "(the paper's Algorithm 1)")
+class DMMObjective(Objective):
+    @property
+    def use_adv(self) -> bool:
+        return self.trainer.recipe.loss.lambda_adv > 0
+
+    def trained_models(self, student):
+        models = {"student": student}
+        if self.use_adv:
+            models["disc"] = MultiClassDiscriminator(self.trainer.base.unet, len(self.trainer.recipe.style_names))
+        return models
+
+    # ------------------------------------------------------------- pieces
+    def inputs(self, batch: dict) -> StepInputs:
+        """Latents of the batch's images; captions dropped ONCE per sample, shared by student and teachers."""
+        tr = self.trainer
+        latents = tr.base.encode_images(batch["pixels"].to(tr.device))
+        captions = drop_captions(batch["captions"], tr.recipe.data.caption_dropout, tr.generator)
+        return StepInputs(latents, captions, tr.base.encode_captions(captions))
+
+    def noised(self, latents: torch.Tensor):
+        """(t, x_t): random numbers come from the CPU generator (saved in checkpoints), whatever the device."""
+        tr = self.trainer
+        noise = torch.randn(latents.shape, generator=tr.generator).to(tr.device)
+        t = torch.randint(0, tr.base.num_train_timesteps, (latents.shape[0],), generator=tr.generator).to(tr.device)
+        return t, add_noise(latents, noise, t, tr.base.alphas_cumprod)
+
+    def teacher_outputs(self, x_t, t, inputs: StepInputs, groups: dict[int, list[int]], want_features: bool):
+        """Each local teacher's prediction (and block features) on the samples of its style, converted
+        to the base's parameterisation; a teacher with its own text encoders gets their encoding of
+        the same captions."""
+        tr = self.trainer
+        out = torch.empty_like(x_t, dtype=torch.float32)
+        feats: dict[str, torch.Tensor] = {}
+        for i, teacher in tr.teachers.items():
+            rows = groups.get(i, [])
+            if not rows:
+                continue
+            idx = torch.tensor(rows, device=x_t.device)
+            if i in tr.teacher_captions:
+                sub = tr.teacher_captions[i].encode([inputs.captions[j] for j in rows])
+            else:
+                sub = inputs.cond.select(idx)
+            dtype = next(teacher.unet.parameters()).dtype
+            kwargs = {k: {n: v.to(dtype) for n, v in a.items()} for k, a in sub.unet_kwargs().items()}
+            hooks = BlockFeatures(teacher.unet, detach=True) if want_features else contextlib.nullcontext()
+            with torch.no_grad(), hooks as recorder:
+                pred = teacher.unet(x_t[idx].to(dtype), t[idx], sub.encoder_hidden_states.to(dtype), **kwargs).sample
+            if teacher.prediction_type != tr.base.prediction_type:
+                pred = convert_prediction(pred, x_t[idx], t[idx], tr.base.alphas_cumprod,
+                                          teacher.prediction_type, tr.base.prediction_type)
+            out[idx] = pred.float()
+            if want_features:
+                for name, f in recorder.outputs.items():
+                    if name not in feats:
+                        feats[name] = torch.empty((x_t.shape[0], *f.shape[1:]), dtype=torch.float32,
+                                                  device=x_t.device)
+                    feats[name][idx] = f.float()
+        return out, feats
+
+    def disc_logits(self, x0, cond: Conditioning):
+        tr = self.trainer
+        t = torch.randint(0, tr.recipe.loss.disc_t_max, (x0.shape[0],), generator=tr.generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=tr.generator).to(x0.device)
+        x_t = add_noise(x0, noise, t, tr.base.alphas_cumprod)
+        return tr.models["disc"](x_t, t, cond.encoder_hidden_states, cond.added_cond_kwargs)
+
+    # ------------------------------------------------------------- the step
+    def micro_step(self, batch, styles, scale, groups):
+        """Forward and backward of both losses (gradients accumulate, scaled by `scale`); the
+        optimizers step in the trainer. The discriminator's forward passes do not depend on the
+        student's weights, so stepping both after the last micro-step is exact."""
+        tr, r = self.trainer, self.trainer.recipe
+        num_styles = len(r.style_names)
+        inputs = self.inputs(batch)
+        t, x_t = self.noised(inputs.latents)
+        want_feat = r.loss.lambda_feat > 0
+        cond = inputs.cond
+
+        teacher_out, teacher_feats = self.teacher_outputs(x_t, t, inputs, groups, want_feat)
+        student = tr.models["student"]
+        hooks = BlockFeatures(student) if want_feat else contextlib.nullcontext()
+        with tr.autocast(), hooks as recorder:
+            student_out = student(x_t, t, cond.encoder_hidden_states, class_labels=styles, **cond.unet_kwargs()).sample
+        losses = {"score": score_distillation_loss(student_out, teacher_out)}
+        losses.update(score_parts(student_out, teacher_out, groups, r.style_names))  # per teacher, for TensorBoard
+        total = losses["score"]
+        if want_feat:
+            losses["feat"] = feature_imitation_loss(recorder.outputs, teacher_feats)
+            total = total + r.loss.lambda_feat * losses["feat"]
+        if self.use_adv:
+            x0_student = predict_x0(student_out, x_t, t, tr.base.alphas_cumprod, tr.base.prediction_type)
+            disc = tr.models["disc"]
+            disc.requires_grad_(False)
+            with tr.autocast():
+                losses["gen"] = generator_loss(self.disc_logits(x0_student, cond), styles, num_styles)
+            disc.requires_grad_(True)
+            total = total + r.loss.lambda_adv * losses["gen"]
+        losses["total"] = total
+        tr.check_finite(losses)
+        tr.engine.backward("student", total * scale if scale != 1.0 else total)
+
+        if self.use_adv:
+            x0_teacher = predict_x0(teacher_out, x_t, t, tr.base.alphas_cumprod, tr.base.prediction_type)
+            with tr.autocast():
+                fake = self.disc_logits(x0_student.detach(), cond)
+                real = self.disc_logits(x0_teacher, cond)
+                losses["disc"] = discriminator_loss(fake, real, styles, num_styles)
+            tr.check_finite({"disc": losses["disc"]})
+            tr.engine.backward("disc", losses["disc"] * scale if scale != 1.0 else losses["disc"])
+        return losses
+
+
+__all__ = ["DMMObjective", "StepInputs"]
