@@ -54,7 +54,10 @@ def test_pickle_needs_opt_in_and_loads_weights_only(base, tmp_path):
 
 def test_wrong_layout_and_missing_path(base, tmp_path):
     save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(ValueError, match="do not match the base UNet"):
+    with pytest.raises(ValueError, match=r"cannot recognise the architecture of this file: expected the original "
+                                         r"SD/SDXL layout \(keys starting with 'model.diffusion_model.'\) or the base "
+                                         r"UNet's diffusers keys \(e.g. 'conv_in.weight'\), found keys starting with "
+                                         r"\['foo'\]"):
         load_teacher_unet(tmp_path / "bad.safetensors", base=base)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_teacher_unet(tmp_path / "missing", base=base)
@@ -213,8 +216,8 @@ def test_single_file_with_a_wrong_shape(base, student_base, tmp_path):
 def test_teacher_of_another_architecture(base, student_base, tmp_path):
     other = tmp_path / "sd15"
     make_tiny_pipeline(other, "sd15")
-    with pytest.raises(TeacherLoadError, match=rf"^teacher 'neon' \({other}\): does not have the student's "
-                                               "UNet shape: first mismatched key"):
+    with pytest.raises(TeacherLoadError, match=rf"^teacher 'neon' \({other}\): sd15 is an SD1.5 UNet but the "
+                                               "recipe's base is SDXL; merge fine-tunes of the base only$"):
         _load(base, student_base, other)
 
 

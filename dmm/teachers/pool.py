@@ -1,9 +1,11 @@
-"""The teacher pool: frozen teacher UNets, checked against the student before any training.
+"""The teacher pool: frozen teacher UNets (and their own text encoders, when they differ from the
+base's), checked against the student before any training.
 
 Whatever goes wrong while a teacher loads (an unreadable file, a broken config, weights that do
-not fit, NaN/inf weights, a shape unlike the student's) becomes one `TeacherLoadError` naming the
-teacher, its path and the fix, on the rank that holds it; the trainer's `agree` then stops every
-rank with that message instead of a gloo error or a diverged step later.
+not fit, NaN/inf weights, a shape unlike the student's or the base encoder's) becomes one
+`TeacherLoadError` naming the teacher, its path and the fix, on the rank that holds it; the
+trainer's `agree` then stops every rank with that message instead of a gloo error or a diverged
+step later. A rank loads only its own teachers, so it holds only their encoders.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import nn
 
 from dmm.recipes import TeacherSpec
 from dmm.schema import ConfigError
-from dmm.teachers.formats import TeacherFileError, load_teacher_unet
+from dmm.teachers.formats import TeacherFileError, empty_encoder, load_teacher_parts, shape_mismatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -49,6 +51,15 @@ def check_teacher_shape(name: str, teacher: nn.Module, student_base: nn.Module) 
         )
 
 
+def check_encoder_shape(name: str, which: str, encoder: nn.Module, base: str | Path) -> None:
+    """A teacher's own text encoder must have the base encoder's shapes (any loader, built-in or not)."""
+    want = {k: tuple(v.shape) for k, v in empty_encoder(Path(base), which).state_dict().items()}
+    mismatch = shape_mismatch(want, {k: tuple(v.shape) for k, v in encoder.state_dict().items()})
+    if mismatch is not None:
+        raise ValueError(f"teacher {name!r} has a {which} unlike the base's: {mismatch}; use "
+                         "text_encoder: base, or a teacher fine-tuned from this base")
+
+
 def first_non_finite(module: nn.Module) -> str | None:
     """`key (k of n values are NaN/inf)` for the first tensor holding NaN or inf, or None."""
     for key, value in module.state_dict().items():
@@ -78,6 +89,10 @@ class Teacher:
     name: str
     unet: UNet2DConditionModel
     prediction_type: str
+    # The teacher's own encoders (frozen, eval, teacher dtype) where they differ from the base's
+    # (`text_encoder: auto`) or were required (`own`); None: it is conditioned through the base's.
+    text_encoder: nn.Module | None = None
+    text_encoder_2: nn.Module | None = None
 
 
 def _reason(err: BaseException) -> str:
@@ -92,24 +107,30 @@ def load_teacher(index: int, spec: TeacherSpec, *, base: str, student_base: nn.M
                  default_prediction_type: str) -> Teacher:
     where = f"teacher {spec.name!r} ({spec.path})"
     try:
-        unet = load_teacher_unet(spec.path, spec.format, base=base, allow_pickle=spec.allow_pickle,
-                                 dtype=DTYPES[dtype], options=getattr(spec, "options", None),
-                                 where=f"teachers[{index}].options")
+        parts = load_teacher_parts(spec.path, spec.format, base=base, allow_pickle=spec.allow_pickle,
+                                   dtype=DTYPES[dtype], options=getattr(spec, "options", None),
+                                   where=f"teachers[{index}].options",
+                                   text_encoder=getattr(spec, "text_encoder", "auto"))
         prediction_type = teacher_prediction_type(spec, default_prediction_type)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{where}: {_reason(err)}") from None
     except Exception as err:
         raise TeacherLoadError(f"{where}: {_reason(err)}") from err
-    bad = first_non_finite(unet)
-    if bad is not None:
-        raise TeacherLoadError(f"{where}: non-finite weights, first in {bad}; the checkpoint is corrupt or was "
-                               "saved after its training diverged: use another checkpoint of this teacher")
+    for which, module in (("UNet", parts.unet), *parts.encoders().items()):
+        bad = first_non_finite(module)
+        if bad is not None:
+            part = "" if which == "UNet" else f" in its {which}"
+            raise TeacherLoadError(f"{where}: non-finite weights{part}, first in {bad}; the checkpoint is corrupt or "
+                                   "was saved after its training diverged: use another checkpoint of this teacher")
     try:
-        check_teacher_shape(spec.name, unet, student_base)
+        check_teacher_shape(spec.name, parts.unet, student_base)
+        for which, module in parts.encoders().items():
+            check_encoder_shape(spec.name, which, module, base)
     except ValueError as err:
         raise TeacherLoadError(f"{where}: {str(err).replace(f'teacher {spec.name!r} ', '', 1)}") from None
-    unet.requires_grad_(False).eval()
-    return Teacher(index, spec.name, unet, prediction_type)
+    for module in (parts.unet, *parts.encoders().values()):
+        module.requires_grad_(False).eval()
+    return Teacher(index, spec.name, parts.unet, prediction_type, parts.text_encoder, parts.text_encoder_2)
 
 
 def check_teacher_paths(specs: list[TeacherSpec]) -> None:
