@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dmm.recipes import Recipe
 from dmm.sampling import consecutive_seeds
+from dmm.teachers.lora import teacher_folder
 from eval.features import ToyWorldFeatures
 from eval.fid import fid_matrix
 from eval.generate import GenerationCache, SamplingConfig, generate_sets
@@ -41,7 +42,9 @@ def summarise(recipe: Recipe, merged: str | Path, cache_root: str | Path = ".cac
     out = Path(out or Path(recipe.train.output_dir) / "summary")
     out.mkdir(parents=True, exist_ok=True)
 
-    teachers = {name: recipe.teachers[i].path for i, name in enumerate(names)}
+    # a LoRA teacher is sampled from its fused pipeline folder, written once under the cache
+    teachers = {name: str(teacher_folder(recipe.teachers[i], recipe.model.base, Path(cache_root) / "teachers"))
+                for i, name in enumerate(names)}
     merged_sets, teacher_sets = paired_sets(str(merged), teachers, names, list(prompts), seeds)
     paths = generate_sets(cache, merged_sets + teacher_sets, desc="sampling merged + teachers")
     extractor = ToyWorldFeatures(world, str(recipe.data.toyworld.world))
