@@ -153,6 +153,28 @@ class LogConfig:
 
 
 @dataclass
+class PerfConfig:
+    """Switches that change speed, not what is computed (each has a CPU test within float tolerance)."""
+
+    host_sync: Literal["auto", "step", "log"] = setting(
+        "auto", resumable=True,
+        help="step: losses become Python floats and are checked for NaN every micro-step (nothing is updated "
+             "after a NaN); log: they stay on the device and are checked at log and checkpoint steps (no per-step "
+             "host-device synchronisation); auto: log on CUDA, step elsewhere")
+    device_rng: Literal["auto", "on", "off"] = setting(
+        "auto", help="draw noise and timesteps with a generator on the training device (no host-to-device copy; "
+                     "saved in checkpoints); auto: on for CUDA. On the CPU the device generator IS the CPU one")
+    fused_adamw: Literal["auto", "on", "off"] = setting("auto", help="fused AdamW kernels (auto: on for CUDA)")
+    channels_last: bool = setting(False, help="student (and its inputs) in channels_last memory format")
+    attention: Literal["sdpa", "classic"] = setting(
+        "sdpa", help="attention of every UNet: sdpa (torch scaled_dot_product_attention, flash/memory-efficient "
+                     "kernels on GPUs) or classic (explicit softmax(QK^T)V)")
+    compile: Literal["none", "blocks"] = setting(
+        "none", help="torch.compile each down/mid/up block of the student and teachers (first steps are slow)")
+    compile_backend: str = setting("inductor", help="torch.compile backend (inductor; aot_eager for debugging)")
+
+
+@dataclass
 class DistributedConfig:
     engine: str = setting("none", help="training engine: none (one process), deepspeed, fsdp2, or a registered one",
                           registry="engine")
@@ -185,6 +207,8 @@ class Recipe:
     optim: OptimConfig = setting(default_factory=OptimConfig, help="optimizers")
     train: TrainConfig = setting(default_factory=TrainConfig, help="the training loop and the run folder")
     distributed: DistributedConfig = setting(default_factory=DistributedConfig, help="engine and scale-out")
+    perf: PerfConfig = setting(default_factory=PerfConfig, help="speed switches: host syncs, device RNG, fused "
+                                                                "AdamW, channels_last, attention, torch.compile")
     log: LogConfig = setting(default_factory=LogConfig, resumable=True,
                              help="TensorBoard extras: sample grids, learning rates, per-teacher losses")
     sample: SampleConfig = setting(default_factory=SampleConfig, toy=True, help="the demo summary's sampling")

@@ -41,8 +41,9 @@ class Engine(ABC):
     def backward(self, which: str, loss: torch.Tensor) -> None: ...
 
     @abstractmethod
-    def step(self, which: str, max_norm: float) -> float:
-        """Clip, step the optimizer and lr schedule, zero the grads; returns the pre-clip grad norm."""
+    def step(self, which: str, max_norm: float) -> float | torch.Tensor:
+        """Clip, step the optimizer and lr schedule, zero the grads; returns the pre-clip grad norm
+        (a float, or a 0-d tensor left on the device so that a step needs no host synchronisation)."""
 
     @abstractmethod
     def save(self, folder: Path) -> None:
@@ -96,4 +97,4 @@ class TorchOptimizerEngine(Engine):
         self.optimizers[which].step()
         self.schedulers[which].step()
         self.optimizers[which].zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()

@@ -11,11 +11,12 @@ overrides only that one.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from dmm.conditioning import Conditioning, drop_captions
+from dmm.data.latents import BASE, teacher_prefix
 from dmm.diffusion import add_noise, convert_prediction, predict_x0
 from dmm.losses import discriminator_loss, feature_imitation_loss, generator_loss, score_distillation_loss
 from dmm.losses.score import score_parts
@@ -31,6 +32,14 @@ class StepInputs:
     latents: torch.Tensor
     captions: list[str]
     cond: Conditioning
+    teacher_conds: dict[int, Conditioning] = field(default_factory=dict)  # precomputed, own-encoder teachers
+
+
+def with_size_ids(cond: Conditioning, time_ids: torch.Tensor | None) -> Conditioning:
+    """SDXL: each sample's size ids (original size, crop, target) from the data, not the pipeline's default."""
+    if cond.added_cond_kwargs is None or time_ids is None:
+        return cond
+    return Conditioning(cond.encoder_hidden_states, {**cond.added_cond_kwargs, "time_ids": time_ids})
 
 
 @OBJECTIVES.register("dmm", description="score distillation + feature imitation + multi-class adversarial loss "
@@ -50,16 +59,26 @@ class DMMObjective(Objective):
     def inputs(self, batch: dict) -> StepInputs:
         """Latents of the batch's images; captions dropped ONCE per sample, shared by student and teachers."""
         tr = self.trainer
+        if "latents" in batch:  # precomputed inputs (data.precomputed): the same draws, stored tensors
+            captions = drop_captions(batch["captions"], tr.recipe.data.caption_dropout, tr.generator)
+            own = {i: tr.stream.conditioning(batch, teacher_prefix(i), captions, tr.device)
+                   for i in tr.precomputed_teachers}
+            return StepInputs(batch["latents"].to(tr.device), captions,
+                              tr.stream.conditioning(batch, BASE, captions, tr.device), own)
         latents = tr.base.encode_images(batch["pixels"].to(tr.device))
         captions = drop_captions(batch["captions"], tr.recipe.data.caption_dropout, tr.generator)
-        return StepInputs(latents, captions, tr.base.encode_captions(captions))
+        ids = batch["size_ids"].to(tr.device, torch.float32) if "size_ids" in batch else None
+        return StepInputs(latents, captions, with_size_ids(tr.base.encode_captions(captions), ids))
 
     def noised(self, latents: torch.Tensor):
-        """(t, x_t): random numbers come from the CPU generator (saved in checkpoints), whatever the device."""
+        """(t, x_t): random numbers from the trainer's noise generator (saved in checkpoints)."""
         tr = self.trainer
-        noise = torch.randn(latents.shape, generator=tr.generator).to(tr.device)
-        t = torch.randint(0, tr.base.num_train_timesteps, (latents.shape[0],), generator=tr.generator).to(tr.device)
-        return t, add_noise(latents, noise, t, tr.base.alphas_cumprod)
+        noise = tr.randn(latents.shape)
+        t = tr.randint(tr.base.num_train_timesteps, latents.shape[0])
+        x_t = add_noise(latents, noise, t, tr.base.alphas_cumprod)
+        if tr.recipe.perf.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        return t, x_t
 
     def teacher_outputs(self, x_t, t, inputs: StepInputs, groups: dict[int, list[int]], want_features: bool):
         """Each local teacher's prediction (and block features) on the samples of its style, converted
@@ -73,8 +92,12 @@ class DMMObjective(Objective):
             if not rows:
                 continue
             idx = torch.tensor(rows, device=x_t.device)
-            if i in tr.teacher_captions:
+            if i in inputs.teacher_conds:
+                sub = inputs.teacher_conds[i].select(idx)
+            elif i in tr.teacher_captions:
                 sub = tr.teacher_captions[i].encode([inputs.captions[j] for j in rows])
+                if inputs.cond.added_cond_kwargs is not None:
+                    sub = with_size_ids(sub, inputs.cond.added_cond_kwargs["time_ids"][idx])
             else:
                 sub = inputs.cond.select(idx)
             dtype = next(teacher.unet.parameters()).dtype
@@ -96,8 +119,8 @@ class DMMObjective(Objective):
 
     def disc_logits(self, x0, cond: Conditioning):
         tr = self.trainer
-        t = torch.randint(0, tr.recipe.loss.disc_t_max, (x0.shape[0],), generator=tr.generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=tr.generator).to(x0.device)
+        t = tr.randint(tr.recipe.loss.disc_t_max, x0.shape[0])
+        noise = tr.randn(x0.shape)
         x_t = add_noise(x0, noise, t, tr.base.alphas_cumprod)
         return tr.models["disc"](x_t, t, cond.encoder_hidden_states, cond.added_cond_kwargs)
 

@@ -14,15 +14,18 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
 from dmm.conditioning import FrozenPipeline
 from dmm.data import DataError, ShardStream
+from dmm.data.latents import LatentStream, check_manifest
 from dmm.data.sources import source_name, writes_files
 from dmm.distributed import agree
 from dmm.distributed.slurm import any_rank, max_over_ranks
 from dmm.engines import Engine, make_engine
 from dmm.io import make_dir
+from dmm.models.speed import apply_speed_switches
 from dmm.models.student import StyleUNet2DConditionModel
 from dmm.objectives import make_objective
 from dmm.recipes import Recipe
@@ -60,6 +63,8 @@ class DistillationTrainer:
         self._build_layout()  # refuses impossible layouts and missing files before loading any model
         self.device = self.engine.device
         torch.manual_seed(recipe.train.seed)
+        self.sync_every_step = resolve_host_sync(recipe.perf.host_sync, self.device)
+        self._finite = None  # "log" host sync: a device flag, checked at log and checkpoint steps
         self.base = self._build_base()
         student = self._build_student()  # the order of builders is the order random numbers are drawn
         self.teachers = self._build_teachers()
@@ -69,6 +74,7 @@ class DistillationTrainer:
         self.models = self.engine.prepare(models, optimizers, self._schedulers(optimizers))
         self.stream = self._build_data()
         self.generator = torch.Generator().manual_seed(recipe.train.seed * 1000 + self.engine.rank)
+        self.noise_generator = self._build_noise_generator()
         self.checkpoints = CheckpointManager(self.out / "checkpoints", recipe.train.keep_last)
         self.step = 0
         self.writer = None
@@ -93,7 +99,11 @@ class DistillationTrainer:
 
     def _build_base(self) -> FrozenPipeline:
         r = self.recipe
-        base = FrozenPipeline(r.model.base, resolution=r.data.resolution).to(self.device)
+        # Precomputed inputs (data.precomputed): a folder made for another recipe is refused before
+        # any model loads, and the base loads without its VAE and text encoders.
+        self.precomputed = check_manifest(r.data.precomputed, r) if r.data.precomputed else None
+        base = FrozenPipeline(r.model.base, resolution=r.data.resolution,
+                              encoders=self.precomputed is None).to(self.device)
         if r.model.arch != "auto" and r.model.arch != base.arch.name:
             raise ValueError(f"model.arch is {r.model.arch!r} but the base at {r.model.base} is {base.arch.name}")
         return base
@@ -107,6 +117,15 @@ class DistillationTrainer:
         }, what="teacher loading", collective=self.engine.world_size > 1)
         for teacher in teachers.values():
             teacher.unet.to(self.device)
+        self.precomputed_teachers = []  # teachers whose own conditioning comes in the batch
+        if self.precomputed is not None:
+            own = [i for i, t in teachers.items() if t.text_encoder is not None or t.text_encoder_2 is not None]
+            agree(check_manifest, r.data.precomputed, r, own, self.local_teachers, what="precomputed inputs",
+                  collective=self.engine.world_size > 1)
+            for teacher in teachers.values():
+                teacher.text_encoder = teacher.text_encoder_2 = None
+            self.precomputed_teachers, self.teacher_captions = own, {}
+            return teachers
         # A teacher with its own text encoder(s) is conditioned through them (`text_encoder: auto|own`).
         self.teacher_captions = {
             i: self.base.captions.with_encoders(t.text_encoder, t.text_encoder_2)
@@ -125,6 +144,8 @@ class DistillationTrainer:
         """The objective's trained models (the student; the discriminator with the adversarial loss),
         trainable, on the device."""
         models = self.objective.trained_models(student)
+        for model in [*models.values(), *(t.unet for t in self.teachers.values())]:
+            apply_speed_switches(model, self.recipe.perf)
         self.base.pipe.unet = None  # the student now holds the base weights; free the copy
         for model in models.values():
             # The discriminator's encoder is copied from the frozen base UNet: make every trained
@@ -142,7 +163,28 @@ class DistillationTrainer:
             groups = [{"params": rest, "lr": lr}, {"params": style, "lr": lr * o.style_lr_multiplier}]
         else:
             groups = [{"params": list(model.parameters()), "lr": lr}]
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        fused = {"on": True, "off": None, "auto": True if self.device.type == "cuda" else None}[self.recipe.perf.fused_adamw]
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=fused)
+
+    def _build_noise_generator(self) -> torch.Generator:
+        """Noise and timesteps: the CPU generator (copied to the device), or one living on the device."""
+        on = {"on": True, "off": False, "auto": self.device.type == "cuda"}[self.recipe.perf.device_rng]
+        if not on or self.device.type == "cpu":
+            return self.generator
+        return torch.Generator(self.device).manual_seed(self.recipe.train.seed * 1000 + self.engine.rank + 7919)
+
+    def randn(self, shape) -> torch.Tensor:
+        """Gaussian noise on the training device from the noise generator (saved in checkpoints)."""
+        g = self.noise_generator
+        if g.device.type == "cpu":
+            return torch.randn(shape, generator=g).to(self.device)
+        return torch.randn(shape, generator=g, device=self.device)
+
+    def randint(self, high: int, n: int) -> torch.Tensor:
+        g = self.noise_generator
+        if g.device.type == "cpu":
+            return torch.randint(0, high, (n,), generator=g).to(self.device)
+        return torch.randint(0, high, (n,), generator=g, device=self.device)
 
     def _schedulers(self, optimizers: dict) -> dict:
         warmup = self.recipe.optim.warmup_steps
@@ -152,6 +194,11 @@ class DistillationTrainer:
     def _build_data(self) -> ShardStream:
         """The main rank lets a file-writing source (the toy world) write its shards first."""
         r = self.recipe
+        if self.precomputed is not None:  # output shard k mirrors source shard k: the same sample order
+            urls = [str(Path(r.data.precomputed) / s["name"]) for s in self.precomputed["shards"]]
+            return LatentStream(urls, batch_size=r.data.batch_size, resolution=r.data.resolution, seed=r.train.seed,
+                                rank=self.engine.rank, world_size=self.engine.world_size,
+                                shuffle_buffer=r.data.shuffle_buffer, num_workers=r.data.num_workers)
         cache_root = self.out.parent / ".shards"
         wait = writes_files(source_name(r.data)) and self.engine.world_size > 1
         if wait and not self.engine.is_main:
@@ -176,15 +223,18 @@ class DistillationTrainer:
         batches = batch if isinstance(batch, list) else [batch]
         if len(batches) != self.accum_steps:
             raise ValueError(f"train_step got {len(batches)} micro-batches, grad_accum_steps is {self.accum_steps}")
-        totals: dict[str, float] = {}
+        totals: dict[str, float | torch.Tensor] = {}
         for m, micro in enumerate(batches):
             losses = self.micro_step(micro, self.micro_styles[m], 1.0 / len(batches), self.micro_groups[m])
             for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach()) / len(batches)
+                # "step" host sync: a float now; "log": a device tensor until `as_floats` at a log step
+                v = float(v.detach()) if self.sync_every_step else v.detach()
+                totals[k] = totals.get(k, 0.0) + v / len(batches)
         stats = {"grad_norm": self.engine.step("student", r.optim.grad_clip)}
         if "disc" in self.models:
             stats["disc_grad_norm"] = self.engine.step("disc", r.optim.grad_clip)
-        return {**totals, **stats}
+        metrics = {**totals, **stats}
+        return as_floats(metrics) if self.sync_every_step else metrics
 
     def micro_step(self, batch: dict, styles: torch.Tensor, scale: float = 1.0,
                    groups: dict[int, list[int]] | None = None) -> dict[str, torch.Tensor]:
@@ -194,6 +244,13 @@ class DistillationTrainer:
         return self.objective.micro_step(batch, styles, scale, groups)
 
     def check_finite(self, losses: dict[str, torch.Tensor]) -> None:
+        """Refuse NaN/inf losses before anything is updated ("step" host sync); under "log" host sync
+        fold them into a device flag that `verify_finite` reads at log and checkpoint steps."""
+        if not self.sync_every_step:
+            flag = torch.stack([torch.isfinite(v).all() for v in losses.values()]).all()
+            self._finite = flag if self._finite is None else self._finite & flag
+            self._finite_names = sorted(set(getattr(self, "_finite_names", ())) | set(losses))
+            return
         bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
         if bad:
             last = self.checkpoints.latest()
@@ -210,6 +267,7 @@ class DistillationTrainer:
     def save_checkpoint(self) -> Path:
         folder = self.checkpoints.save(self.engine, self.step, self._trainer_state(),
                                        {"data": self.stream.state_dict(), "generator": self.generator.get_state(),
+                                        "noise_generator": self.noise_generator.get_state(),
                                         "objective": self.objective.state_dict()})
         self.saved = (self.step, folder)
         return folder
@@ -233,6 +291,8 @@ class DistillationTrainer:
             self.engine.load(folder)
             self.stream.load_state_dict(rank_state["data"])
             self.generator.set_state(rank_state["generator"])
+            if "noise_generator" in rank_state and self.noise_generator is not self.generator:
+                self.noise_generator.set_state(rank_state["noise_generator"])
             self.objective.load_state_dict(rank_state.get("objective", {}))
             set_rng_state(rank_state["rng"])
             self.step = state["step"]
@@ -275,7 +335,11 @@ class DistillationTrainer:
                 metrics = self.train_step(self._next_batches(data))
                 self.step += 1
                 bar.update(1)
-                if self.engine.is_main and (self.step % r.train.log_every == 0 or self.step == r.train.max_steps):
+                log_now = self.step % r.train.log_every == 0 or self.step == r.train.max_steps
+                if not self.sync_every_step and (log_now or self.step % r.train.checkpoint_every == 0):
+                    self.verify_finite()
+                    metrics = as_floats(metrics)
+                if self.engine.is_main and log_now:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("score", "feat", "gen", "disc")})
                     board.log_step(metrics, self.step, getattr(self.engine, "schedulers", None))
                     elapsed = time.time() - started
@@ -283,9 +347,30 @@ class DistillationTrainer:
                     self.writer.add_scalar("perf/samples_per_s", samples / max(elapsed, 1e-9), self.step)
                 if self.step % r.train.checkpoint_every == 0 or self.step == r.train.max_steps:
                     self.save_checkpoint()
-                    log_sample_grids(board, self.engine, self.models["student"], r, self.base.pipe, self.stream,
+                    log_sample_grids(board, self.engine, self.models["student"], r, self._grid_pipe(), self.stream,
                                      self.step)
         return self.saved[1] or self.checkpoints.latest()
+
+    def verify_finite(self) -> None:
+        """The "log" host sync's NaN check: one device-to-host read since the last check."""
+        if self._finite is not None and not bool(self._finite):
+            last = self.checkpoints.latest()
+            raise TrainingDiverged(
+                f"a loss ({', '.join(self._finite_names)}) became NaN/inf at or before step {self.step} (perf.host_sync: "
+                f"log checks at log and checkpoint steps; `step` stops before the update). Last good checkpoint: "
+                f"{last if last else 'none written yet'}. Lower optim.lr, keep optim.grad_clip, or check the data."
+            )
+        self._finite = None
+
+    def _grid_pipe(self):
+        """The pipeline the sample grids run (main rank). Training from precomputed inputs loaded no VAE
+        or text encoders: the grids' copy of them loads at the first grid, on the main rank only."""
+        if self.precomputed is None or not (self.engine.is_main and self.recipe.log.samples):
+            return self.base.pipe
+        if getattr(self, "_sampling_pipe", None) is None:
+            self._sampling_pipe = DiffusionPipeline.from_pretrained(str(self.base.path), unet=None,
+                                                                    local_files_only=True).to(self.device)
+        return self._sampling_pipe
 
     def _next_batches(self, data) -> list[dict]:
         """This step's micro-batches. A bad shard met on one rank (a DataError, named by shard and
@@ -308,6 +393,15 @@ class DistillationTrainer:
 
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         return self.engine.full_state_dict("student")
+
+
+def resolve_host_sync(choice: str, device: torch.device) -> bool:
+    """True: losses are read on the host every micro-step ("step"); False: only at log steps."""
+    return choice == "step" or (choice == "auto" and device.type != "cuda")
+
+
+def as_floats(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
 
 
 def set_threads() -> None:
