@@ -119,3 +119,18 @@ def test_grid_prompts_are_read_in_file_order_and_leave_the_stream_alone(world, t
     assert len(prompts) == 3 == len(set(prompts)) and all(prompts)
     assert first_captions(trainer.stream, 3) == prompts
     assert trainer.stream.state_dict() == before
+
+
+def test_a_resumed_board_hides_what_a_killed_run_logged_after_the_checkpoint(world, tmp_path):
+    recipe = tiny_world.recipe(world, tmp_path / "run")
+    styles = [torch.tensor([0, 1, 0, 1])]
+    first = TrainingBoard(tmp_path / "tb", recipe, styles)
+    for step in range(1, 6):  # killed after step 5; its last checkpoint was step 3
+        first.log_step({"score": 1.0}, step)
+    first.close()
+    resumed = TrainingBoard(tmp_path / "tb", recipe, styles, step=3)
+    for step in (4, 5):
+        resumed.log_step({"score": 2.0}, step)
+    resumed.close()
+    logged = [(e.step, e.value) for e in events(tmp_path).Scalars("train/score")]
+    assert logged == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0), (5, 2.0)]

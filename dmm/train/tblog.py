@@ -77,10 +77,12 @@ def _rng_devices(device: torch.device) -> list:
 
 
 class TrainingBoard:
-    """The main rank's TensorBoard writer of one run (`<run>/tb`)."""
+    """The main rank's TensorBoard writer of one run (`<run>/tb`). Resumed from the checkpoint of
+    `step`, it hides what a killed run logged after that step (TensorBoard's purge_step), so
+    curves do not fold back."""
 
     def __init__(self, folder: str | Path, recipe, micro_styles: Sequence[torch.Tensor], step: int = 0):
-        self.writer = SummaryWriter(str(folder))
+        self.writer = SummaryWriter(str(folder), purge_step=step + 1 if step else None)
         self.recipe = recipe
         names = recipe.style_names
         rows = [s for styles in micro_styles for s in styles.tolist()]
