@@ -22,7 +22,11 @@ import torch
 from diffusers import DiffusionPipeline
 
 import dmm.models.student as student_module
+from dmm.export.lora import extract_lora, kohya_names, layer_ranks, report_path, summary, write_lora
+from dmm.export.single_file import DTYPES as EXPORT_DTYPES
+from dmm.export.single_file import export_single_file
 from dmm.io import atomic_write_text, replace_dir
+from dmm.models.arch import full_size_arch
 from dmm.models.student import StyleSpec, StyleUNet2DConditionModel, resolve_style
 from dmm.sampling import consecutive_seeds, sample_images
 
@@ -130,20 +134,82 @@ def parse_style(text: str) -> StyleSpec:
     return mix
 
 
-def export_baked(folder: str | Path, style: StyleSpec, out: str | Path, fmt: str = "diffusers") -> Path:
-    """A stock diffusers folder whose plain UNet always generates `style` (a name or a fixed mixture).
-    Written under a temporary name and swapped in: a failed export leaves an existing `out` as it was."""
+def export_baked(folder: str | Path, style: StyleSpec, out: str | Path, fmt: str = "diffusers", *,
+                 dtype: str | None = None, rank: int | None = None, base: str | Path | None = None) -> Path:
+    """`style` (a name or a fixed mixture) baked into a stock model, as a diffusers folder, one
+    original-layout `.safetensors` (A1111/ComfyUI), or a kohya LoRA against the `base` model
+    (with its error report next to it, `dmm.export.lora.report_path`). Every check runs before a
+    weight loads; everything is written under a temporary name, so a failed export leaves an
+    existing `out` as it was. `dtype`: fp16 or fp32 (default fp16; the diffusers folder keeps the
+    merged model's own unless given)."""
     if fmt not in EXPORT_FORMATS:
         raise MergedModelError(f"unknown export format {fmt!r}; formats: {', '.join(EXPORT_FORMATS)}")
-    if fmt != "diffusers":
-        raise MergedModelError("not implemented yet: single-file and LoRA export (issue 11); use --format diffusers")
     if Path(out).resolve() == Path(folder).resolve():
         raise MergedModelError(f"export to {out} would replace the merged model it reads: choose another --out")
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise MergedModelError(f"unknown --dtype {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}")
     if resolve_style(style, merged_style_names(folder)).shape[0] != 1:  # checked before any weight loads
         raise MergedModelError("export bakes one style or one mixture, not one style per image")
+    if fmt != "diffusers":
+        if Path(out).suffix != ".safetensors" or Path(out).is_dir():
+            raise MergedModelError(f"--out {out}: a {fmt} export is one file; name it NAME.safetensors")
+        if (rank is None or base is None) if fmt == "lora" else (rank is not None or base is not None):
+            raise MergedModelError("--rank and --base go with --format lora (both required there, e.g. --rank 32 "
+                                   "--base path/to/base-model), and with no other format")
+    unet_config = json.loads((Path(folder) / "unet" / "config.json").read_text())
+    if fmt == "single-file":
+        try:
+            full_size_arch(unet_config)
+        except ValueError as err:
+            raise MergedModelError(str(err)) from None
+    base_unet = _check_lora_base(folder, base, rank) if fmt == "lora" else None
     pipe = load_merged(folder)
     plain = pipe.unet.bake(style)
-    return save_pipeline_folder(_with_unet(pipe, plain), out)
+    if fmt == "diffusers":
+        pipe = _with_unet(pipe, plain)
+        return save_pipeline_folder(pipe if dtype is None else pipe.to(EXPORT_DTYPES[dtype]), out)
+    info = {"dmm.style": json.dumps(style), "dmm.merged_model": Path(folder).name}
+    if fmt == "single-file":
+        return export_single_file(_with_unet(pipe, plain), out, dtype or "fp16", metadata=info)
+    del pipe
+    tensors, report = extract_lora(load_plain_unet(base_unet), plain, rank, EXPORT_DTYPES[dtype or "fp16"])
+    report["style"], report["base"] = style, str(base)
+    return write_lora(tensors, report, out, metadata=info)
+
+
+def lora_summary(lora: str | Path) -> str:
+    """The error report written next to an exported LoRA, in three lines."""
+    return summary(json.loads(report_path(lora).read_text()))
+
+
+def _check_lora_base(folder: str | Path, base: str | Path, rank: int) -> Path:
+    """The base model's UNet folder, once it is known to fit the merged UNet and the rank to fit
+    every layer (read from the configs; no weights load)."""
+    from diffusers import UNet2DConditionModel
+
+    base = Path(base)
+    unet_dir = base / "unet" if (base / "unet" / "config.json").is_file() else base
+    if not (unet_dir / "config.json").is_file():
+        raise MergedModelError(f"--base {base} holds no UNet (no unet/config.json or config.json): give the "
+                               "diffusers folder of the base model the merged one was trained from")
+    refuse_merged_unet(unet_dir)
+    ignore = ("_", "style_names")
+    mine = {k: v for k, v in json.loads((Path(folder) / "unet" / "config.json").read_text()).items()
+            if not k.startswith(ignore)}
+    theirs = UNet2DConditionModel.load_config(str(unet_dir), local_files_only=True)
+    with torch.device("meta"):
+        shapes_a = {k: v.shape for k, v in UNet2DConditionModel(**mine).state_dict().items()}
+        meta = UNet2DConditionModel(**{k: v for k, v in theirs.items() if not k.startswith("_")})
+    shapes_b = {k: v.shape for k, v in meta.state_dict().items()}
+    if shapes_a != shapes_b:
+        differ = sorted(k for k in shapes_a.keys() | shapes_b.keys() if shapes_a.get(k) != shapes_b.get(k))
+        raise MergedModelError(f"--base {base} is another architecture than the merged model ({len(differ)} weights "
+                               f"differ, e.g. {differ[:2]}): give the base model the merged one was trained from")
+    try:
+        layer_ranks(meta, rank, kohya_names(meta)[1])
+    except ValueError as err:
+        raise MergedModelError(str(err)) from None
+    return unet_dir
 
 
 def save_pipeline_folder(pipe: DiffusionPipeline, out: str | Path, finish=None) -> Path:

@@ -119,6 +119,80 @@ def make_teacher(base: str | Path, folder: str | Path, seed: int, scale: float =
     return folder
 
 
+def make_layout_pipeline(folder: str | Path, arch: str = "sd15", full_size: bool = False,
+                         dtype: torch.dtype = torch.float32, prediction_type: str = "epsilon", seed: int = 0,
+                         weights: bool = True):
+    """A random SD1.5 or SDXL pipeline with the real architecture's block structure (every key of
+    the original single-file layout exists): at full size (real shapes: 4 GB for SD1.5 in fp32,
+    7 GB for SDXL in fp16, so run those under the memory lock), or narrow (a few MB), where only
+    the widths differ. Built directly in `dtype` and saved to `folder`, or only its configs (enough
+    for `from_single_file(config=folder)`) where `weights` is False."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from dmm.models.arch import standard_components
+
+    sdxl = get_arch(arch).uses_text_time
+    standard = standard_components(arch)  # CLIP ViT-L/14, OpenCLIP ViT-bigG/14 (SDXL), the SD VAE
+    unet_cfg, vae_cfg = dict(standard["unet"][1]), dict(standard["vae"][1])
+    te_cfgs = [dict(standard[name][1]) for name in ("text_encoder", "text_encoder_2") if name in standard]
+    if not full_size:  # the same block structure (layers, heads' layout, every key), a few channels wide
+        for cfg, width in zip(te_cfgs, (16, 24)):
+            cfg.update(hidden_size=width, intermediate_size=32, num_attention_heads=2, projection_dim=width,
+                       vocab_size=None)
+        vae_cfg.update(block_out_channels=(8, 16, 32, 32), norm_num_groups=4)
+        unet_cfg.update(block_out_channels=tuple(c // 40 for c in unet_cfg["block_out_channels"]), norm_num_groups=8,
+                        attention_head_dim=(2,) * 3 if sdxl else 4, sample_size=16,
+                        cross_attention_dim=sum(cfg["hidden_size"] for cfg in te_cfgs))
+        if sdxl:
+            unet_cfg.update(addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 24)
+    previous = torch.get_default_dtype()
+    torch.manual_seed(seed)
+    torch.set_default_dtype(dtype)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(write_tokenizer(Path(folder) / "_tokenizer_src")),
+                                                  local_files_only=True)
+        encoders = []
+        for i, cfg in enumerate(te_cfgs):
+            config = CLIPTextConfig(**{**cfg, "vocab_size": cfg["vocab_size"] or len(tokenizer)}, bos_token_id=0,
+                                    eos_token_id=1, pad_token_id=1)
+            encoders.append((CLIPTextModelWithProjection if i == 1 else CLIPTextModel)(config))
+        vae = AutoencoderKL(**vae_cfg, sample_size=get_arch(arch).default_resolution)
+        unet = UNet2DConditionModel(**unet_cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", prediction_type=prediction_type)
+    if sdxl:
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    if weights:
+        pipe.save_pretrained(str(folder))
+    else:
+        save_configs(pipe, folder)
+    return pipe
+
+
+def save_configs(pipe, folder: str | Path) -> Path:
+    """A pipeline folder without weights: model_index.json, each component's config, the tokenizers."""
+    folder = Path(folder)
+    pipe.save_config(str(folder))
+    for name, component in pipe.components.items():
+        if component is None:
+            continue
+        if hasattr(component, "save_config"):  # diffusers models and schedulers
+            component.save_config(str(folder / name))
+        elif hasattr(component, "config"):  # transformers models
+            component.config.save_pretrained(str(folder / name))
+        else:
+            component.save_pretrained(str(folder / name))
+    return folder
+
+
 def write_shards(folder: str | Path, n: int, per_shard: int = 16, size: int = 16, seed: int = 0) -> list[Path]:
     """Real webdataset tar shards of random-colour images with captions from WORDS."""
     from PIL import Image

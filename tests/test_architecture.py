@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("dmm.schema", "dmm.registry", "dmm.io", "dmm.diffusion", "dmm.recipes"),
     ("dmm.models", "dmm.distributed", "dmm.data", "dmm.conditioning", "dmm.sampling"),
-    ("dmm.teachers", "dmm.pipeline", "dmm.merge", "dmm.data.precompute"),
+    ("dmm.teachers", "dmm.pipeline", "dmm.regions", "dmm.merge", "dmm.data.precompute", "dmm.export"),
     ("dmm.losses",),
     ("dmm.objectives",),
     ("dmm.engines",),

@@ -69,10 +69,11 @@ def test_export_diffusers_bakes_a_stock_folder(merged, tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_other_export_formats_are_refused_for_now(merged, tmp_path, capsys):
+def test_single_file_export_refuses_toy_models(merged, tmp_path, capsys):
+    """Only full-size SD1.5/SDXL have an A1111/ComfyUI layout (tests/test_export_single_file.py)."""
     err = error_of(capsys, ["export", "--model", merged, "--style", "neon", "--format", "single-file",
                             "--out", tmp_path / "x.safetensors"])
-    assert "not implemented yet: single-file and LoRA export (issue 11)" in err
+    assert "not the full-size" in err and "--format diffusers" in err
     assert not (tmp_path / "x.safetensors").exists()
 
 

@@ -7,6 +7,7 @@ asks this module instead of hard-coding block tables.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from torch import nn
@@ -27,12 +28,27 @@ class Arch:
     time_ids: int = 0
     # Transformer blocks project in/out with Linear (SDXL) rather than 1x1 Conv (SD1.5).
     linear_projection: bool = False
+    # sd-mecha's model config of the original (LDM/SGM) single-file layout, and which of its
+    # components holds which diffusers pipeline component (dmm.export.ldm_keys).
+    single_file_config: str = ""
+    single_file_components: tuple[tuple[str, str], ...] = ()
+    # Module names in a kohya LoRA, as kohya's own trainer writes them and A1111/ComfyUI read
+    # them: diffusers names for SD1.x, original SGM names for SDXL.
+    lora_names: str = "diffusers"
 
 
 ARCHS: dict[str, Arch] = {
-    "sd15": Arch("sd15", "StableDiffusionPipeline", 1, False, (4, 4), 512),
-    "sdxl": Arch("sdxl", "StableDiffusionXLPipeline", 2, True, (3, 3), 1024, time_ids=6, linear_projection=True),
+    "sd15": Arch("sd15", "StableDiffusionPipeline", 1, False, (4, 4), 512, single_file_config="sd1-ldm",
+                 single_file_components=(("unet", "diffuser"), ("vae", "vae"), ("text_encoder", "clip_l"))),
+    "sdxl": Arch("sdxl", "StableDiffusionXLPipeline", 2, True, (3, 3), 1024, time_ids=6, linear_projection=True,
+                 single_file_config="sdxl-sgm", lora_names="sgm",
+                 single_file_components=(("unet", "diffuser"), ("vae", "vae"), ("text_encoder", "clip_l"),
+                                         ("text_encoder_2", "clip_g"))),
 }
+
+# Layers a style LoRA always stores at full rank: their rank is bounded by the latent channels
+# (4 for SD1.5/SDXL), so no useful --rank fits them and storing them exactly costs next to nothing.
+LORA_FULL_RANK_LAYERS = ("conv_in", "conv_out")
 
 
 def detect_arch(unet_config) -> Arch:
@@ -131,6 +147,93 @@ def sdxl_unet_config() -> dict:
         projection_class_embeddings_input_dim=2816,
         use_linear_projection=True,
     )
+
+
+# What makes a UNet the real SD1.5/SDXL one (rather than a small one of the same family): the
+# fields A1111/ComfyUI infer from a single file's tensor shapes.
+_FULL_SIZE_FIELDS = ("block_out_channels", "layers_per_block", "cross_attention_dim", "down_block_types",
+                     "up_block_types", "in_channels", "out_channels", "transformer_layers_per_block",
+                     "attention_head_dim", "projection_class_embeddings_input_dim")
+
+
+def full_size_arch(unet_config) -> Arch:
+    """The architecture of a full-size SD1.5 or SDXL UNet; anything else (the toy UNets) has no
+    original single-file layout that A1111/ComfyUI could load, and is refused with that reason."""
+    get = unet_config.get if isinstance(unet_config, dict) else lambda k, d=None: getattr(unet_config, k, d)
+    arch = detect_arch(unet_config)
+    reference = {"sd15": sd15_unet_config, "sdxl": sdxl_unet_config}[arch.name]()
+    from diffusers import UNet2DConditionModel  # its defaults fill the fields the references leave out
+
+    defaults = {k: v.default for k, v in inspect.signature(UNet2DConditionModel.__init__).parameters.items()}
+    mismatched = []
+    for field in _FULL_SIZE_FIELDS:
+        want, have = reference.get(field, defaults.get(field)), get(field, defaults.get(field))
+        if _plain(want, reference.get("down_block_types")) != _plain(have, get("down_block_types")):
+            mismatched.append(f"{field}={have!r} (full-size {arch.name}: {want!r})")
+    if mismatched:
+        more = f"; and {len(mismatched) - 2} more" if len(mismatched) > 2 else ""
+        raise ValueError(f"this UNet is not the full-size {arch.name} architecture ({'; '.join(mismatched[:2])}{more}): "
+                         "A1111/ComfyUI infer the architecture from the tensor shapes of a single file, so only "
+                         "full-size SD1.5/SDXL models can be written in that layout; export with --format diffusers")
+    return arch
+
+
+def _plain(value, blocks):
+    """Config values as comparable plain data (lists vs tuples; an int per block vs one int)."""
+    if isinstance(value, (list, tuple)):
+        value = [_plain(v, None) for v in value]
+        if blocks is not None and len(set(map(str, value))) == 1 and len(value) == len(blocks):
+            return value[0]
+        return value
+    return value
+
+
+def standard_components(arch: str) -> dict[str, tuple[str, dict]]:
+    """The released SD1.5 / SDXL base pipeline's trained components as (class name, config), written
+    out by hand (nothing is downloaded): what `dmm.train.dryrun` sizes when a recipe's base folder is
+    not on disk. Text encoders: CLIP ViT-L/14 (both) and OpenCLIP ViT-bigG/14 (SDXL's second);
+    VAE: the 8x-downsampling KL autoencoder with 4 latent channels."""
+    vit_l = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+    vae = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+               block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32)
+    if arch == "sd15":
+        return {"unet": ("UNet2DConditionModel", sd15_unet_config()), "vae": ("AutoencoderKL", vae),
+                "text_encoder": ("CLIPTextModel", vit_l)}
+    if arch == "sdxl":
+        big_g = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                     num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+        return {"unet": ("UNet2DConditionModel", sdxl_unet_config()), "vae": ("AutoencoderKL", vae),
+                "text_encoder": ("CLIPTextModel", vit_l), "text_encoder_2": ("CLIPTextModelWithProjection", big_g)}
+    raise ValueError(f"no standard configuration for architecture {arch!r}; known: {sorted(ARCHS)}")
+
+
+def vae_scale_factor(vae_config) -> int:
+    """Pixels per latent pixel along each side: one downsampling between consecutive VAE levels."""
+    get = vae_config.get if isinstance(vae_config, dict) else lambda k, d=None: getattr(vae_config, k, d)
+    return 2 ** (len(get("block_out_channels") or (0,)) - 1)
+
+
+def block_output_shapes(unet_config, latent_size: int) -> dict[str, tuple[int, int, int]]:
+    """(channels, height, width) of each feature block's output (see `feature_blocks`) for a square
+    latent of side `latent_size`: every down block but the last halves the side, every up block
+    but the last doubles it back."""
+    get = unet_config.get if isinstance(unet_config, dict) else lambda k, d=None: getattr(unet_config, k, d)
+    channels = list(get("block_out_channels"))
+    n = len(channels)
+    shapes: dict[str, tuple[int, int, int]] = {}
+    side = latent_size
+    for i, c in enumerate(channels):
+        if i < n - 1:
+            side = -(-side // 2)  # a stride-2 conv with padding 1 rounds up
+        shapes[f"down_blocks.{i}"] = (c, side, side)
+    shapes["mid_block"] = (channels[-1], side, side)
+    for i, c in enumerate(reversed(channels)):
+        if i < n - 1:
+            side = side * 2
+        shapes[f"up_blocks.{i}"] = (c, side, side)
+    return shapes
 
 
 def unet_blocks(unet_config) -> list[str]:
