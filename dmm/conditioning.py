@@ -180,11 +180,14 @@ class FrozenPipeline:
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1] -> scaled latents (the distribution mean: deterministic, resumable)."""
+        """Pixels in [-1, 1] -> scaled latents (the distribution mean: deterministic, resumable).
+        Contiguous: on CPU the VAE hands back a channels-last tensor, and the layout of the UNet's
+        input picks its convolution path; stored latents (dmm.data.precompute) are contiguous, so
+        fresh ones are too and both give the same bits."""
         vae = self.pipe.vae
         latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * vae.config.scaling_factor
+        return ((latents - shift) * vae.config.scaling_factor).contiguous()
 
     def encode_captions(self, captions: list[str]) -> Conditioning:
         if self.captions is None:

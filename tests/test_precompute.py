@@ -19,15 +19,14 @@ from dmm.data.latents import LatentStream, PrecomputedError, check_manifest
 from dmm.data.precompute import main, precompute
 from dmm.data.webdata import prepare_image
 from dmm.recipes import parse_recipe
-from dmm.testing import tiny_recipe_dict
-from tests import tiny_world
+from dmm.testing import build_tiny_world, tiny_recipe_dict
 from tests.teacher_reference import perturb_text_encoders
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """SDXL-shaped tiny world; teacher b brings its own (perturbed) text encoders."""
-    w = tiny_world.build(tmp_path_factory.mktemp("pre") / "w", "sdxl", teachers=("a", "b"))
+    w = build_tiny_world(tmp_path_factory.mktemp("pre") / "w", "sdxl", teachers=("a", "b"), n_samples=32, per_shard=8)
     perturb_text_encoders(w.teachers["b"], seed=7)
     return w
 
@@ -49,7 +48,7 @@ def read_samples(path):
 
 def test_manifest_and_tensors_equal_what_training_computes(world, made):
     recipe, out, manifest = made
-    assert manifest["complete"] and manifest["samples"] == 64 and len(manifest["shards"]) == len(world.shards)
+    assert manifest["complete"] and manifest["samples"] == 32 and len(manifest["shards"]) == len(world.shards)
     assert sorted(manifest["own_text_encoders"]) == ["1"]  # teacher b only
     assert manifest["resolution"] == 16 and manifest["base"]["path"] == str(world.base)
     assert json.loads((out / "manifest.json").read_text()) == manifest
@@ -90,7 +89,7 @@ def test_latent_stream_visits_samples_as_the_image_stream(world, made):
     urls = [str(out / s["name"]) for s in manifest["shards"]]
     kwargs = dict(batch_size=4, resolution=16, seed=3, rank=1, world_size=2, shuffle_buffer=8)
     images, latents = iter(ShardStream([str(s) for s in world.shards], **kwargs)), iter(LatentStream(urls, **kwargs))
-    for _ in range(12):  # past an epoch boundary (32 samples per rank)
+    for _ in range(12):  # past two epoch boundaries (16 samples per rank)
         a, b = next(images), next(latents)
         assert a["captions"] == b["captions"] and torch.equal(a["size_ids"], b["size_ids"])
     stream = LatentStream(urls, **kwargs)
@@ -101,6 +100,7 @@ def test_latent_stream_visits_samples_as_the_image_stream(world, made):
     assert cond.added_cond_kwargs["time_ids"].dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_resume_keeps_finished_shards_and_redoes_a_half_written_one(world, made, tmp_path):
     recipe, out, _ = made
     copy = tmp_path / "latents"
@@ -122,6 +122,7 @@ def test_resume_keeps_finished_shards_and_redoes_a_half_written_one(world, made,
     assert (copy / "shard-00002.tar").read_bytes() == (out / "shard-00002.tar").read_bytes()
 
 
+@pytest.mark.slow
 def test_two_ranks_write_disjoint_shards(world, made, tmp_path):
     recipe, out, manifest = made
     split = tmp_path / "split"
@@ -149,5 +150,36 @@ def test_a_folder_made_for_another_recipe_is_refused(world, made, capsys):
     assert main(["--recipe", str(path), "--out", str(out)]) == 2
     assert "manifest field resolution is 16, the recipe gives 32" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
-    assert check_manifest(out, recipe, [1])["samples"] == 64
+    assert check_manifest(out, recipe, [1])["samples"] == 32
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+@pytest.mark.slow
+def test_training_from_precomputed_inputs_equals_training_from_images(world, made, tmp_path):
+    """Same shards, seeds and steps: identical losses and student weights, bitwise; no VAE or text
+    encoder loaded (caption dropout high enough that some captions drop, all three losses on)."""
+    from dmm.train.trainer import DistillationTrainer
+
+    _, out, _ = made
+    sections = dict(data={"caption_dropout": 0.5, "shuffle_buffer": 8}, loss={"lambda_feat": 0.01, "lambda_adv": 0.1})
+    runs = {}
+    for name, extra in (("images", {}), ("latents", {"precomputed": str(out)})):
+        raw = tiny_recipe_dict(world, tmp_path / name, **sections)
+        raw["data"].update(extra)
+        trainer = DistillationTrainer(parse_recipe(raw))
+        data = iter(trainer.stream)
+        metrics = [trainer.train_step(next(data)) for _ in range(3)]
+        runs[name] = (trainer, metrics)
+    (a, ma), (b, mb) = runs["images"], runs["latents"]
+    assert b.base.pipe.vae is None and b.base.pipe.text_encoder is None and b.base.pipe.text_encoder_2 is None
+    assert b.teacher_captions == {} and all(t.text_encoder is None for t in b.teachers.values())
+    assert sorted(a.teacher_captions) == [1]
+    assert ma == mb
+    sa, sb = a.student_state_dict(), b.student_state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    # Sample grids still work: prompts from the latent shards, VAE and text encoders loaded for them only.
+    from dmm.train.tblog import first_captions
+
+    assert first_captions(b.stream, 2) == first_captions(a.stream, 2)
+    grid = b._grid_pipe()
+    assert grid.vae is not None and grid.text_encoder is not None and grid.unet is None

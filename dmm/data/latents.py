@@ -111,14 +111,21 @@ def check_fields(manifest: dict, fields: dict, folder: str | Path, what: str = "
             f"{ours!r}; re-run `python -m dmm.data.precompute` with this recipe into a new folder")
 
 
-def check_manifest(folder: str | Path, recipe, own_teachers) -> dict:
-    """The manifest of a complete folder made for `recipe` (own_teachers: the teachers that bring
-    their own text encoders, as the teacher pool loads them)."""
+def check_manifest(folder: str | Path, recipe, own_teachers=None, loaded=None) -> dict:
+    """The manifest of a complete folder made for `recipe`. `own_teachers`: the teachers that bring
+    their own text encoders as the teacher pool loaded them; `loaded`: the teachers this process
+    loaded (default all); None: not known yet (only the manifest's own entries are checked)."""
     manifest = read_manifest(folder)
     if not manifest.get("complete"):
         raise PrecomputedError(f"data.precomputed: {folder} is not finished (its precompute run stopped "
                                "early); run the precompute command again with the same --out to complete it")
-    check_fields(manifest, recipe_fields(recipe, own_teachers), folder)
+    listed = set(own_teachers_of(manifest))
+    if own_teachers is None:
+        own = {i for i in listed if i < len(recipe.teachers)}
+    else:
+        others = listed - set(range(len(recipe.teachers)) if loaded is None else loaded)
+        own = others | set(own_teachers)
+    check_fields(manifest, recipe_fields(recipe, own), folder)
     return manifest
 
 
@@ -152,7 +159,7 @@ class LatentStream(ShardStream):
         batch["captions"] = [d[1] for d in decoded]
         return batch
 
-    def conditioning(self, batch: dict, prefix: str, captions: list[str]) -> Conditioning:
+    def conditioning(self, batch: dict, prefix: str, captions: list[str], device=None) -> Conditioning:
         """The conditioning of `prefix` (base or teacher<i>) for the batch after caption dropout:
         a dropped caption ("") gets the stored "" conditioning, exactly what encoding "" gives."""
         hidden = batch[f"{prefix}.hidden"].clone()
@@ -164,8 +171,10 @@ class LatentStream(ShardStream):
                 if pooled is not None:
                     pooled[j] = self.empty[f"{prefix}.pooled"]
         if pooled is None:
-            return Conditioning(hidden, None)
-        return Conditioning(hidden, {"text_embeds": pooled, "time_ids": batch["size_ids"].to(torch.float32)})
+            return Conditioning(hidden.to(device), None)
+        return Conditioning(hidden.to(device), {"text_embeds": pooled.to(device),
+                                                "time_ids": batch["size_ids"].to(device, torch.float32)})
 
 
-__all__ = ["EMPTY", "MANIFEST", "LatentStream", "PrecomputedError", "check_manifest", "recipe_fields"]
+__all__ = ["BASE", "EMPTY", "MANIFEST", "LatentStream", "PrecomputedError", "check_manifest", "own_teachers_of",
+           "recipe_fields", "teacher_prefix"]
