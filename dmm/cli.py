@@ -143,6 +143,63 @@ VERBS.add("merge", LazyVerb("dmm.merge.cli:MergeVerb"),
           description="merge checkpoints' weights with a registered method (weighted sum, TIES, DARE, ...)")
 
 
+@VERBS.register("regions", description="one image whose regions carry different styles (panoramas, layouts)")
+class RegionsVerb:
+    @staticmethod
+    def arguments(parser) -> None:
+        parser.add_argument("--model", required=True, metavar="DIR", help="a merged model folder")
+        parser.add_argument("--prompt", required=True, help="the caption of the whole image")
+        where = parser.add_mutually_exclusive_group(required=True)
+        where.add_argument("--styles", help="a left-to-right panorama of equal strips, styles joined by commas "
+                                            "(flat,neon,0.5*neon+0.5*pixel); `dmm styles DIR` lists the names")
+        where.add_argument("--layout", help="boxes in pixels: LEFT,TOP,RIGHT,BOTTOM=STYLE joined by ';' "
+                                            "(0,0,64,64=flat;64,0,128,64=neon); together they must cover the canvas")
+        parser.add_argument("--width", type=int, required=True, help="canvas width in pixels")
+        parser.add_argument("--height", type=int, required=True, help="canvas height in pixels")
+        parser.add_argument("--overlap", type=int, default=None,
+                            help="pixels where neighbouring regions blend (default: a quarter of the smallest region side)")
+        parser.add_argument("--blend", default="cosine", help="blend weights: cosine (default) or gaussian")
+        parser.add_argument("--size-ids", default="tile", choices=("tile", "canvas"),
+                            help="SDXL size conditioning per region: tile (each region as a whole image, default) "
+                                 "or canvas (the whole canvas' sizes)")
+        parser.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
+        parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+        parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+        parser.add_argument("--negative-prompt", default=None, help="caption to steer away from")
+        parser.add_argument("--out", required=True, metavar="FILE", help="the PNG to write")
+
+    @staticmethod
+    def run(args) -> int:
+        from dmm.pipeline import load_merged, merged_style_names, parse_style
+        from dmm.regions import (
+            BLENDS,
+            check_regions,
+            generate_regions,
+            panorama_regions,
+            parse_layout,
+            vae_grid,
+        )
+        from dmm.sampling import check_sampling
+
+        # every check before the weights load
+        check_sampling(args.steps, args.guidance, flags={"steps": "--steps", "guidance_scale": "--guidance"})
+        BLENDS.get(args.blend)
+        grid = vae_grid(args.model)
+        if args.styles is not None:
+            regions = panorama_regions([parse_style(s) for s in args.styles.split(",")], args.width, args.height, grid)
+        else:
+            regions = parse_layout(args.layout, parse_style)
+        check_regions(regions, args.width, args.height, grid, merged_style_names(args.model))
+        pipe = load_merged(args.model)
+        pipe.set_progress_bar_config(desc="steps", file=sys.stderr)
+        image = generate_regions(pipe, args.prompt, regions, width=args.width, height=args.height,
+                                 overlap=args.overlap, blend=args.blend, size_ids=args.size_ids, seed=args.seed,
+                                 steps=args.steps, guidance_scale=args.guidance, negative_prompt=args.negative_prompt)
+        _save_png(image, Path(args.out))
+        print(f"wrote a {args.width}x{args.height} image with {len(regions)} regions to {args.out}")
+        return 0
+
+
 def _save_png(image, path: Path) -> None:
     with atomic_file(path) as tmp:
         image.save(tmp, format="PNG")
