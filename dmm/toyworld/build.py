@@ -748,8 +748,21 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--plugin", action="append", default=None, metavar="MODULE_OR_FILE.py",
                    help="a module or .py file that registers styles (repeatable); see dmm/toyworld/styles.py")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--lora-teachers", action="store_true",
+                   help="add LoRA teachers (teachers_lora/<style>.safetensors) to the existing world at --out "
+                        "instead of building one (see dmm/toyworld/lora_teachers.py)")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.lora_teachers:
+        from .lora_teachers import build_lora_teachers
+
+        command = "python -m dmm.toyworld.build " + " ".join(argv if argv is not None else sys.argv[1:])
+        styles = parse_styles(a.styles) if a.styles else None
+        for style, r in build_lora_teachers(a.out, jobs=a.jobs or 2, styles=styles, command=command).items():
+            print(f"LoRA teacher {style}: own-style accuracy {r['own_style_accuracy']:.3f} "
+                  f"(full teacher {r['full_teacher_own_style_accuracy']}), {r['file_bytes'] // 1024} KB",
+                  file=sys.stderr)
+        return Path(a.out)
     cfg = make_config(a.out, a.scale, arch=a.arch, styles=a.styles, seed=a.seed, jobs=a.jobs,
                       progress=False if a.no_progress else None, plugins=a.plugin)
     command = "python -m dmm.toyworld.build " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -158,11 +158,12 @@ def vae_roundtrip(vae, images: torch.Tensor, batch_size: int = 512) -> torch.Ten
 def train_unet(unet, latents: torch.Tensor, caption_rows: torch.Tensor, table: CaptionTable, steps: int,
                seed: int, lr: float = 1e-3, warmup: int = 100, batch_size: int = 32, dropout: float = 0.1,
                snr_gamma: float = 5.0, ema_decay: float = 0.999, desc: str = "unet", progress: bool = True,
-               sync_grads=None):
+               sync_grads=None, params: list | None = None):
     """v-prediction denoising with min-SNR weighting; returns the EMA weights in a UNet.
 
     `sync_grads(params)` (optional) averages gradients across data-parallel processes; each process
-    then draws its own `batch_size` samples (pass a different `seed` per process)."""
+    then draws its own `batch_size` samples (pass a different `seed` per process). `params`: train
+    only these (a LoRA's adapter weights); the rest of the UNet stays frozen."""
     from .models import make_train_scheduler
 
     sched_noise = make_train_scheduler()
@@ -171,9 +172,15 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: torch.Tensor, table: C
     weight_t = snr.clamp(max=snr_gamma) / (snr + 1)  # min-SNR-gamma for v-prediction
     g = torch.Generator().manual_seed(seed)
     ema = copy.deepcopy(unet).requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    if params is None:
+        params = list(unet.parameters())
+    trained = {id(p) for p in params}
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, steps))
-    unet.train().requires_grad_(True)
+    unet.train()
+    for p in unet.parameters():
+        p.requires_grad_(id(p) in trained)
+    pairs = [(pe, p) for pe, p in zip(ema.parameters(), unet.parameters()) if id(p) in trained]
     n_t = sched_noise.config.num_train_timesteps
     for step in tqdm(range(steps), desc=desc, disable=not progress, mininterval=2):
         idx = torch.randint(0, len(latents), (batch_size,), generator=g)
@@ -189,13 +196,13 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: torch.Tensor, table: C
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if sync_grads is not None:
-            sync_grads(list(unet.parameters()))
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            sync_grads(params)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         lr_sched.step()
         decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
+            for pe, p in pairs:
                 pe.lerp_(p, 1 - decay)
     return ema.eval()
 
