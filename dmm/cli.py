@@ -100,24 +100,40 @@ class GenerateVerb:
         return 0
 
 
-@VERBS.register("export", description="bake a style or fixed mixture into a stock model folder")
+@VERBS.register("export", description="bake a style or fixed mixture into a stock model: diffusers folder, "
+                                       "A1111/ComfyUI single file, or style LoRA")
 class ExportVerb:
     @staticmethod
     def arguments(parser) -> None:
-        from dmm.pipeline import EXPORT_FORMATS
+        from dmm.pipeline import EXPORT_DTYPES, EXPORT_FORMATS
 
         _model_and_style(parser)
-        parser.add_argument("--format", default="diffusers",
-                            help=f"one of {', '.join(EXPORT_FORMATS)} (only diffusers is implemented yet)")
+        parser.add_argument("--format", default="diffusers", choices=EXPORT_FORMATS,
+                            help="diffusers: a stock pipeline folder; single-file: one original-layout "
+                                 ".safetensors for A1111/ComfyUI (full-size SD1.5/SDXL only); lora: a kohya LoRA "
+                                 "of the style against --base, with an error report NAME.json next to it")
         parser.add_argument("--out", required=True, metavar="PATH",
-                            help="the folder to write; an existing one is replaced only once the export succeeded")
+                            help="the folder (diffusers) or NAME.safetensors to write; an existing one is replaced "
+                                 "only once the export succeeded")
+        parser.add_argument("--dtype", choices=tuple(EXPORT_DTYPES), default=None,
+                            help="fp16 or fp32 weights (default fp16 for single-file and lora; the diffusers folder "
+                                 "keeps the merged model's unless given)")
+        parser.add_argument("--rank", type=int, default=None, help="lora: the rank of every layer's SVD truncation")
+        parser.add_argument("--base", metavar="DIR", default=None,
+                            help="lora: the diffusers folder of the base model the merged one was trained from "
+                                 "(the LoRA is the difference to it)")
 
     @staticmethod
     def run(args) -> int:
-        from dmm.pipeline import export_baked, parse_style
+        from dmm.pipeline import export_baked, lora_summary, parse_style
 
-        out = export_baked(args.model, parse_style(args.style), args.out, fmt=args.format)
-        print(f"wrote a stock diffusers folder with style {args.style!r} baked in to {out}")
+        out = export_baked(args.model, parse_style(args.style), args.out, fmt=args.format, dtype=args.dtype,
+                           rank=args.rank, base=args.base)
+        if args.format == "lora":
+            print(f"wrote a LoRA of style {args.style!r} to {out}\n{lora_summary(out)}")
+        else:
+            kind = "a stock diffusers folder" if args.format == "diffusers" else "an A1111/ComfyUI single file"
+            print(f"wrote {kind} with style {args.style!r} baked in to {out}")
         return 0
 
 

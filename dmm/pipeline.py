@@ -174,6 +174,8 @@ def export_baked(folder: str | Path, style: StyleSpec, out: str | Path, fmt: str
     del pipe
     tensors, report = extract_lora(load_plain_unet(base_unet), plain, rank, EXPORT_DTYPES[dtype or "fp16"])
     report["style"], report["base"] = style, str(base)
+    report["note"] = ("the style vector is baked into a bias (time_embedding.linear_2), which no LoRA can hold: this "
+                      "LoRA carries the merged model's weight difference to the base, the same for every style")
     return write_lora(tensors, report, out, metadata=info)
 
 

@@ -192,4 +192,5 @@ def summary(report: dict) -> str:
             f"UNet output on a probe input: error {probe['relative_to_output']:.3g} of the output, "
             f"{probe['relative_to_style_change']:.3g} of the style's change\n"
             f"not carried: {left['tensors']} bias/norm/embedding tensors or unnamed layers "
-            f"({left['share_of_difference']:.3g} of the weight difference)")
+            f"({left['share_of_difference']:.3g} of the weight difference)"
+            + (f"\nnote: {report['note']}" if "note" in report else ""))
