@@ -88,7 +88,7 @@ def test_cli_lora_reports_its_error_and_diffusers_loading_reproduces_it(merged, 
     assert report["probe_error"]["relative_to_style_change"] > 0
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+@pytest.mark.parametrize("arch", ["sd15", pytest.param("sdxl", marks=pytest.mark.slow)])  # SDXL: 794 layers
 def test_a_low_rank_difference_comes_back_exactly(tmp_path, arch):
     """Real layouts (narrow widths): SD1.5 in kohya's diffusers names, SDXL in SGM names, convs too."""
     pipe = make_layout_pipeline(tmp_path / "base", arch)

@@ -43,7 +43,7 @@ def assert_same_weights(a, b, components):
         assert not differ, f"{name}: {differ[:3]}"
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+@pytest.mark.parametrize("arch", ["sd15", pytest.param("sdxl", marks=pytest.mark.slow)])
 def test_narrow_real_layout_round_trips_through_from_single_file_and_sd_mecha(tmp_path, arch):
     pipe = make_layout_pipeline(tmp_path / "pipe", arch, prediction_type="v_prediction")
     state = single_file_state(pipe, get_arch(arch), torch.float32)
