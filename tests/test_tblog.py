@@ -10,9 +10,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dmm.losses.score import score_distillation_loss, score_parts
 from dmm.train.run import run
-from dmm.train.tblog import TrainingBoard, first_captions, log_sample_grids
+from dmm.train.tblog import TrainingBoard, first_captions, log_sample_grids, student_for_sampling
 from dmm.train.trainer import DistillationTrainer
 from tests import tiny_world
+from tests.conftest import unet_inputs
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +135,22 @@ def test_a_resumed_board_hides_what_a_killed_run_logged_after_the_checkpoint(wor
     resumed.close()
     logged = [(e.step, e.value) for e in events(tmp_path).Scalars("train/score")]
     assert logged == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0), (5, 2.0)]
+
+
+def test_a_sharded_student_is_sampled_from_a_gathered_copy_equal_to_it(world, tmp_path):
+    """The path of engines that wrap or shard the student (full_state_dict into a copy on the main
+    rank), taken here by handing over a wrapper: the copy computes what the student computes."""
+    trainer = DistillationTrainer(tiny_world.recipe(world, tmp_path / "run"))
+    student = trainer.models["student"]
+    with torch.no_grad():  # a trained-looking codebook, so that styles differ
+        student.class_embedding.mlp[2].weight.normal_(generator=torch.Generator().manual_seed(0))
+    x, t, _, _ = unet_inputs(student, batch=2)
+    cond = trainer.base.encode_captions(["a red circle", "a blue square"])
+    with student_for_sampling(trainer.engine, torch.nn.ModuleList([student]), trainer.recipe) as copy:
+        assert copy is not student and not copy.training
+        with torch.no_grad():
+            for style in (0, 1):
+                labels = torch.tensor([style, style])
+                ref = student(x, t, cond.encoder_hidden_states, class_labels=labels, **cond.unet_kwargs()).sample
+                got = copy(x, t, cond.encoder_hidden_states, class_labels=labels, **cond.unet_kwargs()).sample
+                torch.testing.assert_close(got, ref, rtol=0, atol=0)
