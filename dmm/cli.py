@@ -178,6 +178,9 @@ class RegionsVerb:
         parser.add_argument("--size-ids", default="tile", choices=("tile", "canvas"),
                             help="SDXL size conditioning per region: tile (each region as a whole image, default) "
                                  "or canvas (the whole canvas' sizes)")
+        parser.add_argument("--decode", default="regions", choices=("regions", "canvas"),
+                            help="VAE decoding: regions (each region's latents decoded on their own and blended, "
+                                 "default: keeps one style's colours out of another's) or canvas (one decode)")
         parser.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
         parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
         parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
@@ -209,7 +212,8 @@ class RegionsVerb:
         pipe = load_merged(args.model)
         pipe.set_progress_bar_config(desc="steps", file=sys.stderr)
         image = generate_regions(pipe, args.prompt, regions, width=args.width, height=args.height,
-                                 overlap=args.overlap, blend=args.blend, size_ids=args.size_ids, seed=args.seed,
+                                 overlap=args.overlap, blend=args.blend, size_ids=args.size_ids,
+                                 decode=args.decode, seed=args.seed,
                                  steps=args.steps, guidance_scale=args.guidance, negative_prompt=args.negative_prompt)
         _save_png(image, Path(args.out))
         print(f"wrote a {args.width}x{args.height} image with {len(regions)} regions to {args.out}")

@@ -8,7 +8,11 @@ then takes one step on the whole canvas.
 
 The tiling lives in a diffusers `ModelHook` on the UNet (`regional_styles`), so the stock
 pipeline (SD or SDXL, with its classifier-free guidance, scheduler and VAE) runs unchanged; only
-the UNet call is split into tiles. SDXL's size conditioning is given per tile: by default each
+the UNet call is split into tiles. A second hook on the VAE's decoder decodes each region's
+latents on their own and blends the pixels with the same weights: decoded as one canvas, the
+decoder's group norms (and mid-block attention) share one set of statistics across all regions,
+and a dark style (neon on black) then shifts the colours of a light one (on the toy model the
+flat third of a flat|neon|pixel panorama stops looking flat; figures in BENCHMARKS.md). SDXL's size conditioning is given per tile: by default each
 tile is conditioned as an uncropped image of its own size (`size_ids="tile"`), which is what a
 model trained at one size has seen; `"canvas"` keeps the pipeline's whole-canvas ids.
 """
@@ -36,6 +40,7 @@ __all__ = ["BLENDS", "Region", "RegionError", "Tile", "check_regions", "generate
 
 HOOK_NAME = "dmm_regional_styles"
 SIZE_IDS = ("tile", "canvas")
+DECODES = ("regions", "canvas")
 Box = tuple[int, int, int, int]
 
 
@@ -254,6 +259,34 @@ class RegionalStylesHook(ModelHook):
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
 
+class RegionalDecodeHook(ModelHook):
+    """Runs the VAE decoder once per tile and blends the pixels with the tiles' weights (bilinearly
+    enlarged, renormalised); any other input size (the VAE's own tiling) passes through."""
+
+    def __init__(self, tiles: Sequence[Tile], canvas: tuple[int, int]):
+        super().__init__()
+        self.tiles = list(tiles)
+        self.canvas = canvas
+
+    def new_forward(self, module, sample, *args, **kwargs):
+        forward = self.fn_ref.original_forward
+        if len(self.tiles) == 1 or tuple(sample.shape[-2:]) != self.canvas:
+            return forward(sample, *args, **kwargs)
+        out = total = None
+        for tile in self.tiles:
+            pixels = forward(sample[..., tile.top:tile.bottom, tile.left:tile.right], *args, **kwargs)
+            scale = pixels.shape[-1] // (tile.right - tile.left)
+            if out is None:
+                out = pixels.new_zeros(*pixels.shape[:-2], self.canvas[0] * scale, self.canvas[1] * scale)
+                total = pixels.new_zeros(out.shape[-2:])
+            weight = torch.nn.functional.interpolate(tile.weight[None, None].to(pixels), scale_factor=scale,
+                                                     mode="bilinear")[0, 0]
+            rows, cols = slice(tile.top * scale, tile.bottom * scale), slice(tile.left * scale, tile.right * scale)
+            out[..., rows, cols] += pixels * weight
+            total[rows, cols] += weight
+        return out / total
+
+
 def _grid(pipe) -> int:
     return int(getattr(pipe, "vae_scale_factor", 8))
 
@@ -284,8 +317,9 @@ def default_overlap(regions: Sequence[Region], grid: int) -> int:
 
 
 @contextmanager
-def regional_styles(pipe, regions: Sequence[Region] | Sequence[StyleSpec], width: int, height: int, overlap: int | None = None,
-                    blend: str = "cosine", size_ids: str = "tile") -> Iterator[list[Tile]]:
+def regional_styles(pipe, regions: Sequence[Region] | Sequence[StyleSpec], width: int, height: int,
+                    overlap: int | None = None, blend: str = "cosine", size_ids: str = "tile",
+                    decode: str = "regions") -> Iterator[list[Tile]]:
     """Inside the block, every call of `pipe` (at `width` x `height`) generates `regions`' styles
     (`Region`s, or a list of styles for a left-to-right panorama);
     any stock pipeline sharing this UNet works too (e.g. img2img through `from_pipe`). The hook
@@ -296,6 +330,8 @@ def regional_styles(pipe, regions: Sequence[Region] | Sequence[StyleSpec], width
                           "load one with dmm.pipeline.load_merged(folder)")
     if size_ids not in SIZE_IDS:
         raise RegionError(f"size_ids must be one of {', '.join(SIZE_IDS)}, got {size_ids!r}")
+    if decode not in DECODES:
+        raise RegionError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
     grid = _grid(pipe)
     regions = _as_regions(regions, width, height, grid)
     overlap = default_overlap(regions, grid) if overlap is None else overlap
@@ -306,13 +342,27 @@ def regional_styles(pipe, regions: Sequence[Region] | Sequence[StyleSpec], width
     registry = HookRegistry.check_if_exists_or_initialize(unet)
     if registry.get_hook(HOOK_NAME) is not None:
         raise RegionError("regional styles are already active on this UNet: leave the outer `with` block first")
-    registry.register_hook(RegionalStylesHook(tiles, (height // grid, width // grid), per_tile), HOOK_NAME)
+    canvas = (height // grid, width // grid)
+    hooked = [(unet, RegionalStylesHook(tiles, canvas, per_tile))]
+    decoder = getattr(getattr(pipe, "vae", None), "decoder", None)
+    if decode == "regions" and decoder is not None:
+        hooked.append((decoder, RegionalDecodeHook(tiles, canvas)))
+    registered = []
     try:
+        for module, hook in hooked:
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
+            registered.append(module)
         yield tiles
     finally:
-        registry.remove_hook(HOOK_NAME, recurse=False)
-        if not registry.hooks and getattr(unet.__dict__.get("forward"), "__func__", None) is type(unet).forward:
-            del unet.forward  # the registry leaves the plain bound method behind as an instance attribute
+        for module in registered:
+            _remove_hook(module)
+
+
+def _remove_hook(module) -> None:
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    registry.remove_hook(HOOK_NAME, recurse=False)
+    if not registry.hooks and getattr(module.__dict__.get("forward"), "__func__", None) is type(module).forward:
+        del module.forward  # the registry leaves the plain bound method behind as an instance attribute
 
 
 def _as_regions(regions, width: int, height: int, grid: int) -> list[Region]:
@@ -326,14 +376,16 @@ def _as_regions(regions, width: int, height: int, grid: int) -> list[Region]:
 
 
 def generate_regions(pipe, prompt: str, regions: Sequence[Region] | Sequence[StyleSpec], *, width: int, height: int,
-                     overlap: int | None = None, blend: str = "cosine", size_ids: str = "tile", seed: int = 0,
+                     overlap: int | None = None, blend: str = "cosine", size_ids: str = "tile",
+                     decode: str = "regions", seed: int = 0,
                      steps: int = 20, guidance_scale: float = 3.0, negative_prompt: str | None = None,
                      output_type: str = "pil", **pipe_kwargs):
     """One image of `prompt` whose regions carry their own styles. `regions`: `Region(box, style)`
     objects (boxes in pixels, covering the canvas) or a list of styles for a left-to-right
     panorama of equal strips. `overlap` (pixels): the band where neighbouring regions blend
     (default: a quarter of the smallest region side). Seeded like `dmm.pipeline.generate`."""
-    with regional_styles(pipe, regions, width, height, overlap=overlap, blend=blend, size_ids=size_ids):
+    with regional_styles(pipe, regions, width, height, overlap=overlap, blend=blend, size_ids=size_ids,
+                         decode=decode):
         images = sample_images(pipe, [prompt], [seed], steps=steps, guidance_scale=guidance_scale,
                                negative_prompt=negative_prompt, batch_size=1, output_type=output_type,
                                width=width, height=height, **pipe_kwargs)

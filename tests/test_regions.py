@@ -69,7 +69,8 @@ def test_two_regions_take_their_own_styles(pipe):
     """Left strip like the whole canvas in style A, right strip like style B; swapping swaps them."""
     a, b = plain(pipe, "neon", 64, 32), plain(pipe, "flat", 64, 32)
     for left, right, want_left, want_right in (("neon", "flat", a, b), ("flat", "neon", b, a)):
-        img = generate_regions(pipe, "a red circle", [left, right], width=64, height=32, overlap=8, **SMALL)
+        img = generate_regions(pipe, "a red circle", [left, right], width=64, height=32, overlap=8,
+                               decode="canvas", **SMALL)  # the reference images are decoded as one canvas
         lhs, rhs = img[:, :24], img[:, 40:]  # outside the 8-pixel blend band around x = 32
         own_l, other_l = np.abs(lhs - want_left[:, :24]).mean(), np.abs(lhs - want_right[:, :24]).mean()
         own_r, other_r = np.abs(rhs - want_right[:, 40:]).mean(), np.abs(rhs - want_left[:, 40:]).mean()
@@ -106,6 +107,23 @@ def test_the_hooked_unet_is_the_weighted_sum_of_its_tiles(pipe, size_ids):
             want[..., t.top:t.bottom, t.left:t.right] += pred * t.weight
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert len(tiles) == 2 and tiles[0].right > tiles[1].left, "the two tiles overlap"
+
+
+def test_each_region_is_decoded_on_its_own(pipe):
+    """decode="regions": without an overlap the decoded canvas is each half decoded alone, side by
+    side (the decoder's group norms see one region at a time); one decode of the canvas differs."""
+    grid = pipe.vae_scale_factor
+    torch.manual_seed(1)
+    latents = torch.randn(1, 4, 32 // grid, 64 // grid)
+    latents[..., 32 // grid:] = latents[..., 32 // grid:] * 0.2 - 1.5  # a darker right half, as neon on black
+    with torch.no_grad():
+        with regional_styles(pipe, ["neon", "flat"], 64, 32, overlap=0):
+            got = pipe.vae.decode(latents).sample
+        halves = torch.cat([pipe.vae.decode(latents[..., : 32 // grid]).sample,
+                            pipe.vae.decode(latents[..., 32 // grid :]).sample], -1)
+        whole = pipe.vae.decode(latents).sample
+    torch.testing.assert_close(got, halves, atol=1e-5, rtol=1e-5)
+    assert (got - whole).abs().max() > 1e-3, "one decode of the canvas mixes the halves' statistics"
 
 
 @pytest.mark.parametrize("regions, overlap", [
@@ -146,7 +164,7 @@ def test_the_hook_is_removed_after_an_error(pipe):
     before = plain(pipe, "neon", 32, 32)
     with pytest.raises(RegionError, match="planned for"), regional_styles(pipe, ["neon", "flat"], 64, 32):
         plain(pipe, "neon", 32, 32)  # called at another size than planned
-    assert "forward" not in pipe.unet.__dict__
+    assert "forward" not in pipe.unet.__dict__ and "forward" not in pipe.vae.decoder.__dict__
     np.testing.assert_array_equal(plain(pipe, "neon", 32, 32), before)
 
 
