@@ -7,6 +7,8 @@ and generator losses), teacher forward, discriminator update, optimizer steps --
   python benchmarks/step_throughput.py --engine fsdp2 --ranks 2       # relaunches itself under torchrun
   python benchmarks/step_throughput.py --engine deepspeed --ranks 2 --zero-stage 2
   python benchmarks/step_throughput.py --engine all --ranks 2 --out results.jsonl
+  python benchmarks/step_throughput.py --switches                     # each `perf:` switch on vs off
+  python benchmarks/step_throughput.py --perf host_sync=log --perf channels_last=true
 
 Reports samples/s (per rank and in total), seconds per step, peak memory (CUDA: max allocated;
 CPU: peak resident set of rank 0), FLOPs of one step counted with torch.utils.flop_counter, the
@@ -104,7 +106,25 @@ def recipe_for(args, world: Path, info: dict):
         "train": {"max_steps": 10**6, "output_dir": str(world / f"run-{os.getpid()}"),
                   "mixed_precision": args.mixed_precision},
         "distributed": {"engine": args.engine, "options": {"zero_stage": args.zero_stage} if args.engine == "deepspeed" else {}},
+        "perf": parse_perf(args.perf),
+        "log": {"samples": False},
     })
+
+
+# What `--switches` compares with the defaults, one at a time (recipe `perf:`; train.gradient_checkpointing).
+SWITCHES = [["host_sync=log"], ["device_rng=on"], ["fused_adamw=on"], ["attention=classic"], ["channels_last=true"],
+            ["compile=blocks"]]
+
+
+def parse_perf(items: list[str] | None) -> dict:
+    """`KEY=VALUE` strings into the recipe's perf section (true/false are booleans; the schema checks them)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--perf takes KEY=VALUE (a key of the recipe's perf section), got {item!r}")
+        out[key.strip()] = {"true": True, "false": False}.get(value.strip().lower(), value.strip())
+    return out
 
 
 def measure(args) -> dict | None:
@@ -153,6 +173,7 @@ def measure(args) -> dict | None:
         "samples_per_s_per_rank": round(per_rank, 3), "samples_per_s_total": round(per_rank * engine.world_size, 3),
         "peak_mem_mb_rank0": round(peak_mb, 1), "gflop_per_step_all_ranks": round(flops_all / 1e9, 3),
         "achieved_tflops_per_rank": round(flops_all / engine.world_size / seconds / 1e12, 5),
+        "perf": " ".join(args.perf or []) or "defaults",
     }
     if cuda:
         name = torch.cuda.get_device_name()
@@ -180,6 +201,10 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank (CPU)")
     p.add_argument("--workdir", default=None, help="where the pipelines and shards are built (kept)")
     p.add_argument("--out", default=None, help="append the result as a JSON line")
+    p.add_argument("--perf", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe perf switch (repeatable), e.g. host_sync=log, channels_last=true")
+    p.add_argument("--switches", action="store_true",
+                   help="measure the defaults, then each perf switch alone, in one run; print a table with ratios")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.resolution = args.resolution or {"tiny": 32, "sd15": 512, "sdxl": 1024}[args.size]
@@ -200,6 +225,8 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     build_world(workdir, args.size, args.teachers, max(64, args.batch * 8 * max(1, args.ranks)), args.resolution)
     engines = ["none", "deepspeed", "fsdp2"] if args.engine == "all" else [args.engine]
+    if args.switches:
+        return compare_switches(args, workdir)
     for engine in engines:
         argv = [a for a in sys.argv[1:] if not a.startswith("--engine") and a not in engines + ["all"]]
         argv += ["--engine", engine, "--workdir", str(workdir), "--worker"]
@@ -212,6 +239,30 @@ def main() -> int:
         if done.returncode != 0:
             print(f"error: the {engine} measurement failed (exit {done.returncode})", file=sys.stderr)
             return done.returncode
+    return 0
+
+
+def compare_switches(args, workdir: Path) -> int:
+    """Defaults, then each switch alone, then the defaults again (the machine's drift shows), one
+    process each, the same world and batches; a markdown table with each row's ratio to the defaults."""
+    results = tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False).name
+    base = [a for a in sys.argv[1:] if a != "--switches" and not a.startswith("--perf")]
+    for perf in [[], *SWITCHES, []]:
+        cmd = [sys.executable, __file__, *base, "--workdir", str(workdir), "--worker", "--out", results,
+               *[f"--perf={p}" for p in perf]]
+        if subprocess.run(cmd, cwd=REPO).returncode != 0:
+            print(f"error: the measurement with {perf or 'the defaults'} failed", file=sys.stderr)
+            return 1
+    rows = [json.loads(line) for line in Path(results).read_text().splitlines()]
+    ref = (rows[0]["s_per_step"] + rows[-1]["s_per_step"]) / 2
+    print("| perf switch | s / step | vs defaults (mean of first and last run) | samples/s | peak memory MB |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['perf']} | {row['s_per_step']} | {row['s_per_step'] / ref:.2f}x | "
+              f"{row['samples_per_s_total']} | {row['peak_mem_mb_rank0']} |")
+    if args.out:
+        with open(args.out, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
     return 0
 
 

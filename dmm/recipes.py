@@ -59,6 +59,9 @@ class ModelConfig:
     arch: Literal["auto", "sd15", "sdxl"] = setting("auto", help="architecture; auto reads it from the base UNet")
     teacher_dtype: Literal["float32", "bfloat16"] = setting("float32", help="dtype of the frozen teachers",
                                                             resumable=True)
+    init_from: str = setting("", path=True,
+                             help="start the student from this merged model folder instead of the base (its style "
+                                  "names must be the teachers' names; a later stage of `stages:` sets it itself)")
 
 
 @dataclass
@@ -212,6 +215,11 @@ class Recipe:
     log: LogConfig = setting(default_factory=LogConfig, resumable=True,
                              help="TensorBoard extras: sample grids, learning rates, per-teacher losses")
     sample: SampleConfig = setting(default_factory=SampleConfig, toy=True, help="the demo summary's sampling")
+    stages: list[dict[str, Any]] = setting(
+        default_factory=list,
+        help="run these stages in order instead of one run: each `{name, <section overrides>}` (e.g. objective, "
+             "train.max_steps, data) on top of this recipe, in train.output_dir/<k>-<name>/, every stage after the "
+             "first starting from the previous stage's merged model")
 
     @property
     def style_names(self) -> list[str]:
@@ -325,7 +333,57 @@ def parse_recipe(raw, *, base: str | os.PathLike | None = None, sources: dict[st
         raise RecipeError(str(err)) from None
     _resolve_paths(recipe, sources or {}, Path(base) if base is not None else None)
     validate(recipe)
+    if recipe.stages:
+        recipe.stages = expand_stages(raw, recipe, base)
     return recipe
+
+
+STAGE_FIXED = ("name", "stages", "plugins")  # a stage cannot override these
+
+
+def _merge(into: dict, over: dict) -> dict:
+    out = dict(into)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def expand_stages(raw: dict, recipe: Recipe, base) -> list[dict]:
+    """Each stage as a complete, checked recipe (paths resolved), chained through model.init_from:
+    a stage list that does not connect is refused here, before any model loads."""
+    stages, names, previous = [], set(), None
+    common = {k: v for k, v in raw.items() if k != "stages"}
+    for k, stage in enumerate(recipe.stages):
+        where = f"stages[{k}]"
+        if not isinstance(stage, dict) or not str(stage.get("name", "")).strip():
+            raise RecipeError(f"{where}: a stage is a mapping with a `name` and the sections it changes")
+        name = str(stage["name"])
+        if name in names or "/" in name:
+            raise RecipeError(f"{where}: stage names must be unique and contain no '/'; {name!r} is not")
+        names.add(name)
+        fixed = sorted(set(stage) & set(STAGE_FIXED) - {"name"})
+        if fixed:
+            raise RecipeError(f"{where} ({name}): {fixed[0]} is the whole recipe's; set it at the top level")
+        if "output_dir" in stage.get("train", {}):
+            raise RecipeError(f"{where} ({name}): train.output_dir is derived (<recipe's output_dir>/{k + 1}-{name})")
+        if previous is not None and stage.get("model", {}).get("init_from"):
+            raise RecipeError(f"{where} ({name}): a later stage starts from the previous stage's merged model; "
+                              "drop its model.init_from")
+        merged = _merge(common, {key: v for key, v in stage.items() if key != "name"})
+        merged = _merge(merged, {"name": f"{recipe.name}/{name}",
+                                 "train": {"output_dir": str(Path(recipe.train.output_dir) / f"{k + 1}-{name}")}})
+        if previous is not None:
+            merged = _merge(merged, {"model": {"init_from": str(Path(previous.train.output_dir) / "merged")}})
+        try:
+            built = parse_recipe(merged, base=base)
+        except RecipeError as err:
+            raise RecipeError(f"{where} ({name}): {err}") from None
+        if previous is not None and built.style_names != previous.style_names:
+            raise RecipeError(f"{where} ({name}): its teachers {built.style_names} are not the previous stage's "
+                              f"{previous.style_names}; a stage continues the previous student's styles")
+        stages.append(built.to_dict())
+        previous = built
+    return stages
 
 
 def read_recipe(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> tuple[dict, dict[str, str]]:

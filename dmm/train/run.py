@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from dmm.recipes import Recipe
+from dmm.recipes import Recipe, parse_recipe
 from dmm.train.export import build_student, export_merged
 from dmm.train.signals import StopSignals
 from dmm.train.trainer import DistillationTrainer, set_threads
@@ -14,7 +14,9 @@ log = logging.getLogger("dmm.train")
 
 
 def run(recipe: Recipe, engine=None, stop_flag=None) -> Path | None:
-    """Returns the merged model folder (on the main rank; None elsewhere).
+    """Returns the merged model folder (on the main rank; None elsewhere). A recipe with `stages:`
+    runs each stage in turn (each resumes like a run of its own), the last one's merged model is
+    the result.
 
     `stop_flag`: a `StopSignals` (default: SIGINT and SIGTERM), whose handlers are in place while
     training, or any callable the trainer asks at each step boundary. A stop raises
@@ -28,6 +30,15 @@ def run(recipe: Recipe, engine=None, stop_flag=None) -> Path | None:
                              "set distributed.engine to deepspeed or fsdp2 (--set distributed.engine=fsdp2)")
     if stop_flag is None:
         stop_flag = StopSignals()
+    merged = None
+    for k, stage in enumerate(recipe.stages):
+        log.info("stage %d of %d: %s (objective %s)", k + 1, len(recipe.stages), stage["name"],
+                 stage["objective"]["name"])
+        merged = run_one(parse_recipe(stage), engine, stop_flag)
+    return merged if recipe.stages else run_one(recipe, engine, stop_flag)
+
+
+def run_one(recipe: Recipe, engine, stop_flag) -> Path | None:
     trainer = DistillationTrainer(recipe, engine=engine, stop_flag=stop_flag)
     if isinstance(stop_flag, StopSignals):
         with stop_flag.installed():

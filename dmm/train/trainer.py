@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from dmm.conditioning import FrozenPipeline
@@ -28,6 +28,7 @@ from dmm.io import make_dir
 from dmm.models.speed import apply_speed_switches
 from dmm.models.student import StyleUNet2DConditionModel
 from dmm.objectives import make_objective
+from dmm.pipeline import merged_style_names
 from dmm.recipes import Recipe
 from dmm.registry import get_registry
 from dmm.teachers import check_teacher_paths, load_teacher
@@ -93,6 +94,8 @@ class DistillationTrainer:
         # never asks the device which samples belong to a teacher.
         self.micro_groups = [{i: [j for j, s in enumerate(row) if s == i] for i in self.local_teachers}
                              for row in styles]
+        if r.model.init_from:
+            check_init_from(r.model.init_from, r.model.base, r.style_names)
         # Collective: a teacher missing on one rank (node) stops every rank with the same message.
         agree(check_teacher_paths, [r.teachers[i] for i in self.local_teachers], what="teacher check",
               collective=self.engine.world_size > 1)
@@ -135,7 +138,12 @@ class DistillationTrainer:
         return teachers
 
     def _build_student(self) -> StyleUNet2DConditionModel:
-        student = StyleUNet2DConditionModel.from_unet(self.base.unet, self.recipe.style_names)
+        """The base UNet with a new style codebook, or the merged model of `model.init_from`."""
+        if self.recipe.model.init_from:
+            student = StyleUNet2DConditionModel.from_pretrained(str(Path(self.recipe.model.init_from) / "unet"),
+                                                                local_files_only=True)
+        else:
+            student = StyleUNet2DConditionModel.from_unet(self.base.unet, self.recipe.style_names)
         if self.recipe.train.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         return student
@@ -393,6 +401,28 @@ class DistillationTrainer:
 
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         return self.engine.full_state_dict("student")
+
+
+def check_init_from(folder: str, base: str, style_names: list[str]) -> None:
+    """Before any model loads: `model.init_from` is a merged model of this base with these styles."""
+    where = f"model.init_from ({folder})"
+    try:
+        names = merged_style_names(folder)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from None
+    if names != list(style_names):
+        raise ValueError(f"{where} has the styles {names}, the recipe's teachers are {list(style_names)}: a student "
+                         "continues with the same styles in the same order (adding styles is the incremental "
+                         "objective's job)")
+    ignore = ("style_names", "class_embed_type", "num_class_embeds", "projection_class_embeddings_input_dim",
+              "time_cond_proj_dim")
+    merged = {k: v for k, v in UNet2DConditionModel.load_config(str(Path(folder) / "unet")).items()
+              if not k.startswith("_") and k not in ignore}
+    own = {k: v for k, v in UNet2DConditionModel.load_config(str(Path(base) / "unet")).items()
+           if not k.startswith("_") and k not in ignore}
+    differ = sorted(k for k in own if merged.get(k, own[k]) != own[k])
+    if differ:
+        raise ValueError(f"{where} was not merged on the base {base}: its UNet config differs in {differ[:3]}")
 
 
 def resolve_host_sync(choice: str, device: torch.device) -> bool:
