@@ -328,7 +328,7 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
     module_name, _, name = key.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     if name in module._parameters:
-        module._parameters[name] = nn.Parameter(value, requires_grad=False)
+        module._parameters[name] = nn.Parameter(value, requires_grad=value.is_floating_point())
     else:
         module._buffers[name] = value
 
