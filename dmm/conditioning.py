@@ -180,14 +180,11 @@ class FrozenPipeline:
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1] -> scaled latents (the distribution mean: deterministic, resumable).
-        Contiguous: on CPU the VAE hands back a channels-last tensor, and the layout of the UNet's
-        input picks its convolution path; stored latents (dmm.data.precompute) are contiguous, so
-        fresh ones are too and both give the same bits."""
+        """Pixels in [-1, 1] -> scaled latents (the distribution mean: deterministic, resumable)."""
         vae = self.pipe.vae
         latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((latents - shift) * vae.config.scaling_factor).contiguous()
+        return (latents - shift) * vae.config.scaling_factor
 
     def encode_captions(self, captions: list[str]) -> Conditioning:
         if self.captions is None:

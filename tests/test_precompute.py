@@ -120,6 +120,7 @@ def test_resume_keeps_finished_shards_and_redoes_a_half_written_one(world, made,
     assert again == manifest
     assert kept.stat().st_mtime_ns == stamp
     assert (copy / "shard-00002.tar").read_bytes() == (out / "shard-00002.tar").read_bytes()
+    assert not list(copy.glob(".*.tmp"))
 
 
 @pytest.mark.slow

@@ -10,7 +10,9 @@ when encoding on the fly. Because the output shards mirror the input shards, `La
 batches and resume positions of training from the images.
 
 `manifest.json` records the fields a recipe must match (`recipe_fields`); training refuses a
-folder whose manifest differs and names the field.
+folder whose manifest differs and names the field. It also records the memory layout the VAE
+gives its latents (`latents_layout`; channels-last on CPU): the UNet's CPU convolutions take
+another path for another layout, so batches are handed out in the VAE's own layout.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 EMPTY = "empty.safetensors"
 TENSORS, META = "safetensors", "json"  # the two files of a precomputed sample
+CHANNELS_LAST = "channels_last"
 BASE = "base"  # tensor name prefix of the base's (the student's) conditioning
 # Files of the base whose configs fingerprint it (weights are not hashed: too slow for SDXL).
 BASE_CONFIGS = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
@@ -129,6 +132,13 @@ def check_manifest(folder: str | Path, recipe, own_teachers=None, loaded=None) -
     return manifest
 
 
+def latents_layout(latents: torch.Tensor) -> str:
+    """How the VAE laid out a batch of latents in memory (recorded in the manifest)."""
+    if not latents.is_contiguous() and latents.is_contiguous(memory_format=torch.channels_last):
+        return CHANNELS_LAST
+    return "contiguous"
+
+
 def own_teachers_of(manifest: dict) -> list[int]:
     return sorted(int(i) for i in manifest.get("own_text_encoders", {}))
 
@@ -143,6 +153,7 @@ class LatentStream(ShardStream):
         super().__init__(urls, **kwargs)
         folder = Path(self.urls[0]).parent
         self.empty = load_file(str(folder / EMPTY))
+        self.channels_last = read_manifest(folder).get("latents_layout") == CHANNELS_LAST
 
     def _decode(self, sample: dict):
         where = f"data: precomputed shard {sample.get('__url__')}, sample {sample.get('__key__')}"
@@ -156,6 +167,8 @@ class LatentStream(ShardStream):
 
     def _collate(self, decoded: list) -> dict:
         batch = {name: torch.stack([d[0][name] for d in decoded]) for name in decoded[0][0]}
+        if self.channels_last:
+            batch["latents"] = batch["latents"].contiguous(memory_format=torch.channels_last)
         batch["captions"] = [d[1] for d in decoded]
         return batch
 

@@ -41,6 +41,7 @@ from dmm.data.latents import (
     META,
     TENSORS,
     check_fields,
+    latents_layout,
     read_manifest,
     recipe_fields,
     teacher_prefix,
@@ -166,12 +167,14 @@ def precompute(recipe: Recipe, out: str | Path, *, chunk: int = 16, rank: int = 
     encoders = agree(caption_encoders, recipe, base, what="loading teachers", collective=collective)
     own = [int(p.removeprefix("teacher")) for p in encoders if p != BASE]
     fields = recipe_fields(recipe, own)
+    probe = base.encode_images(torch.zeros(2, 3, recipe.data.resolution, recipe.data.resolution))
+    layout = {"latents_layout": latents_layout(probe)}  # what LatentStream hands the UNet
 
     def start():
         if (out / MANIFEST).is_file():  # resuming: only into a folder made for this recipe
             check_fields(read_manifest(out), fields, out, what=f"precompute --out {out}")
         if not rank and not (out / MANIFEST).is_file():
-            atomic_write_json(out / MANIFEST, {**fields, "complete": False})
+            atomic_write_json(out / MANIFEST, {**fields, **layout, "complete": False})
         if not rank and not (out / EMPTY).is_file():
             empty = {}
             for prefix, enc in encoders.items():
@@ -189,12 +192,14 @@ def precompute(recipe: Recipe, out: str | Path, *, chunk: int = 16, rank: int = 
         with tqdm(desc=f"precompute r{rank}" if collective else "precompute", unit="img", disable=not progress,
                   dynamic_ncols=True) as bar:
             for k, url in todo:
+                for stale in out.glob(f".{output_name(k)}.*.tmp"):  # left by a killed run
+                    stale.unlink()
                 write_shard(url, out / output_name(k), recipe, base, encoders, chunk, bar)
 
     agree(encode_mine, what="encoding shards", collective=collective)  # also the barrier before the manifest
     if rank:
         return None
-    manifest = {**fields, "complete": True, "samples": 0,
+    manifest = {**fields, **layout, "complete": True, "samples": 0,
                 "shards": [{"name": output_name(k), "input": url, "samples": shard_count(out / output_name(k))}
                            for k, url in enumerate(urls)]}
     manifest["samples"] = sum(s["samples"] for s in manifest["shards"])
@@ -223,6 +228,9 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if manifest is not None:
         print(f"precompute: {manifest['samples']} samples in {len(manifest['shards'])} shards -> {args.out}")
     return 0
