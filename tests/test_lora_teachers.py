@@ -160,6 +160,13 @@ def test_keys_diffusers_would_skip_silently_are_refused(bases, tmp_path):
                                               unet_lora_layers=convert_state_dict_to_diffusers(sd))
     with pytest.raises(TeacherFileError, match=r"unet keys are not LoRA weights diffusers can convert: .*attn1"):
         fuse_lora_teacher(tmp_path / "odd.safetensors", bases / "sd15", 1.0)
+    kohya, _ = make_lora(bases / "sd15", tmp_path / "k", "kohya", text_encoders=False)
+    dora = load_file(str(kohya))
+    name = next(k for k in dora if k.endswith(".lora_down.weight")).split(".")[0]
+    dora[f"{name}.dora_scale"] = torch.ones(1, dora[f"{name}.lora_down.weight"].shape[1])
+    save_file(dora, str(tmp_path / "dora.safetensors"))
+    with pytest.raises(TeacherFileError, match=r"is a DoRA \(1 dora_scale tensors"):
+        fuse_lora_teacher(tmp_path / "dora.safetensors", bases / "sd15", 1.0)
     save_file({"down_blocks.0.resnets.0.conv1.lora.down.weight": torch.zeros(RANK, 4)},
               str(tmp_path / "unprefixed.safetensors"))
     with pytest.raises(TeacherFileError, match=r"keys under \['down_blocks'\] belong to no part"):
@@ -199,7 +206,8 @@ def test_a_few_training_steps_with_lora_teachers(tmp_path):
     world = build_tiny_world(tmp_path / "w", "sd15", teachers=1)
     ink, _ = make_lora(world.base, tmp_path / "ink", "kohya", seed=1)
     pix, _ = make_lora(world.base, tmp_path / "pix", "peft", text_encoders=False, seed=2)
-    raw = tiny_recipe_dict(world, tmp_path / "run", train={"max_steps": 2, "checkpoint_every": 2})
+    raw = tiny_recipe_dict(world, tmp_path / "run", train={"max_steps": 2, "checkpoint_every": 2},
+                           log={"samples": False})
     raw["teachers"] = [{"name": "ink", "lora": str(ink), "scale": 0.8}, {"name": "pixel", "lora": str(pix)}]
     merged = run(parse_recipe(raw))
     assert load_merged(merged).unet.style_names == ["ink", "pixel"]

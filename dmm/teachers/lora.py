@@ -66,7 +66,7 @@ def read_lora(file: Path, pipeline_cls, unet_config: dict) -> tuple[dict, dict |
     """(state dict with component prefixes, kohya network alphas, peft metadata), through diffusers."""
     if file.suffix != ".safetensors":
         raise TeacherFileError(f"{file}: LoRA teachers are .safetensors files (convert pickled LoRAs first)")
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
 
     try:
         with _quiet():
@@ -80,6 +80,11 @@ def read_lora(file: Path, pipeline_cls, unet_config: dict) -> tuple[dict, dict |
             from None
     if not state:
         raise TeacherFileError(f"{file.name} holds no tensors")
+    with safe_open(str(file), "pt") as handle:  # diffusers drops kohya DoRA scales with a warning only
+        dora = [k for k in handle.keys() if k.endswith(".dora_scale")]  # noqa: SIM118 - not iterable
+    if dora:
+        raise TeacherFileError(f"{file.name} is a DoRA ({len(dora)} dora_scale tensors, e.g. {dora[0]}); diffusers "
+                               "would load it as a plain LoRA, which is another model: convert it to a LoRA first")
     stray = sorted({_component(k) for k in state if _component(k) not in ("unet", *TEXT_ENCODERS)})
     if stray:
         raise TeacherFileError(
