@@ -4,6 +4,7 @@
   python launchers/train.py --recipe recipes/toy_sdxl_4.yaml [--set train.max_steps=10 ...]
   deepspeed launchers/train.py --recipe recipes/sdxl_4.yaml
   torchrun --nproc_per_node 8 launchers/train.py --recipe recipes/sd15_8.yaml
+  python launchers/train.py --recipe recipes/sdxl_4.yaml --dry-run --gpus 8 --gpu-memory 80GiB   (does it fit?)
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ def main(argv=None) -> int:
                         help="override a recipe value, e.g. --set train.max_steps=10 (repeatable)")
     parser.add_argument("--demo", action="store_true",
                         help="after training, sample the merged model and every teacher and print the toy summary")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print each rank's memory plan (models on the meta device, no weights read) and whether "
+                             "it fits in --gpu-memory; train nothing")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="with --dry-run: world size (default 1 for engine none, else the number of teachers)")
+    parser.add_argument("--gpu-memory", default="80GiB", help="with --dry-run: memory of each GPU, e.g. 80GiB, 24GB")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -37,6 +44,16 @@ def main(argv=None) -> int:
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.dry_run:  # before any process group or model: sizes only
+        from dmm.train.dryrun import DryRunError, dry_run, render
+
+        try:
+            plan = dry_run(recipe, args.gpus, args.gpu_memory)
+        except DryRunError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(render(plan))
+        return 0 if plan.fits else 1
     from dmm.train.run import run
     from dmm.train.signals import exit_code, resume_hint, signal_name
     from dmm.train.trainer import StopRequested

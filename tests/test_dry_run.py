@@ -1,0 +1,184 @@
+"""The dry run (`launchers/train.py --dry-run`): every shipped recipe plans without reading a
+weight, ZeRO/FSDP sharding and the teacher layout show in the per-rank bytes, the estimate of a
+small real run is within 20% of its measured peak, and a bad --gpu-memory is refused clearly."""
+
+from __future__ import annotations
+
+import builtins
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmm.recipes import load_recipe
+from dmm.train.dryrun import DryRunError, parse_memory, plan, render
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+GiB = 2**30
+
+
+def _launcher():
+    spec = importlib.util.spec_from_file_location("dmm_train_launcher", ROOT / "launchers" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Any attempt to read a weight file fails the test (Python opens, safetensors, torch.load)."""
+    import safetensors
+    import safetensors.torch
+
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def guarded_open(file, *args, **kwargs):
+        if str(file).endswith((".safetensors", ".bin", ".ckpt", ".pt", ".pth")):
+            opened.append(str(file))
+            raise AssertionError(f"the dry run opened a weight file: {file}")
+        return real_open(file, *args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        opened.append(str(args[:1]))
+        raise AssertionError(f"the dry run read weights: {args[:1]}")
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    for module, name in ((safetensors, "safe_open"), (safetensors.torch, "load_file"),
+                         (safetensors.torch, "safe_open"), (torch, "load")):
+        monkeypatch.setattr(module, name, refuse)
+    yield opened
+    assert not opened, f"weights were read: {opened}"
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_dry_runs_without_reading_weights(recipe, no_weights, tmp_path):
+    r = load_recipe(recipe, [f"train.output_dir={tmp_path}/run"])
+    gpus = 1 if r.distributed.engine == "none" else len(r.teachers)
+    p = plan(r, gpus, parse_memory("80GiB"))
+    text = render(p)
+    assert "FITS" in text or "DOES NOT FIT" in text
+    assert len(p.ranks) >= 1 and all(rp.peak > rp.resident_bytes > 0 for rp in p.ranks)
+    if not Path(r.model.base).is_dir():  # the placeholder paths of the real-model recipes
+        assert "standard" in p.models.source and "not on disk" in p.models.source
+
+
+def test_sdxl_4_on_4_8_16_gpus(no_weights):
+    """ZeRO-2 divides the optimizer state (and fp32 master weights) by the world size; each rank
+    holds one teacher (4 teachers, world a multiple of 4); the student is the real 2.57B UNet."""
+    r = load_recipe(ROOT / "recipes" / "sdxl_4.yaml")
+    plans = {g: plan(r, g, parse_memory("80GiB")) for g in (4, 8, 16)}
+    p4 = plans[4]
+    assert 2.56e9 < p4.models.student < 2.58e9 and p4.models.teacher == p4.models.student - 4 * 1280 - 2 * 1280**2 - 2 * 1280
+    for g, p in plans.items():
+        assert sum(len(rp.ranks) for rp in p.ranks) == g
+        assert len(p.ranks) == 1 and all(len(names) == 1 for names in p.ranks[0].teachers.values())
+        assert [p.ranks[0].teachers[k][0] for k in range(4)] == r.style_names
+        states = dict(p.ranks[0].resident)["student AdamW states (fp32 exp_avg, exp_avg_sq)"]
+        assert states == 8 * p.models.student // g
+    assert plans[4].peak > plans[8].peak > plans[16].peak
+    out = render(plans[16])
+    assert "ranks 0..15" in out and "ZeRO-2" in out
+
+
+def test_sharding_and_offload_move_bytes(no_weights):
+    r = load_recipe(ROOT / "recipes" / "sdxl_4.yaml")
+    budget = parse_memory("80GiB")
+    peaks = {}
+    for stage in (1, 2, 3):
+        r.distributed.options = {"zero_stage": stage}
+        peaks[stage] = plan(r, 8, budget).ranks[0].resident_bytes
+    assert peaks[1] > peaks[2] > peaks[3]
+    r.distributed.options = {"zero_stage": 2, "offload_optimizer": True}
+    off = plan(r, 8, budget).ranks[0]
+    assert off.resident_bytes < peaks[2] and off.host > 0
+    r.distributed.engine, r.distributed.options = "fsdp2", {}
+    fsdp = plan(r, 8, budget).ranks[0]
+    assert dict(fsdp.resident)["student weights (fp32 shards, bf16 compute)"] == 4 * plan(r, 8, budget).models.student // 8
+
+
+def test_a_recipe_that_does_not_fit_names_switches_that_do(no_weights):
+    r = load_recipe(ROOT / "recipes" / "sdxl_4.yaml", ["train.gradient_checkpointing=false"])
+    p = plan(r, 4, parse_memory("40GiB"))
+    assert not p.fits
+    out = render(p)
+    assert "DOES NOT FIT" in out
+    suggested = [line.split("(peak")[0].strip() for line in out.splitlines() if line.startswith("  --set")]
+    assert suggested, out
+    for flags in suggested:  # each suggestion, applied, fits
+        sets = [s for s in flags.split("--set ") if s.strip()]
+        q = plan(load_recipe(ROOT / "recipes" / "sdxl_4.yaml", ["train.gradient_checkpointing=false"]
+                             + [s.strip() for s in sets]), 4, parse_memory("40GiB"))
+        assert q.fits, flags
+
+
+def test_launcher_flag_prints_the_table_and_refuses_a_bad_unit(capsys):
+    main = _launcher().main
+    code = main(["--recipe", str(ROOT / "recipes" / "sdxl_4.yaml"), "--dry-run", "--gpus", "8",
+                 "--gpu-memory", "80GiB"])
+    out = capsys.readouterr().out
+    assert code in (0, 1) and "ranks 0..7 (8)" in out and "teachers by rank: 0: juggernaut_xl_v10" in out
+    assert main(["--recipe", str(ROOT / "recipes" / "sdxl_4.yaml"), "--dry-run", "--gpu-memory", "80XB"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown unit 'XB'" in err and "80GiB" in err
+    assert main(["--recipe", str(ROOT / "recipes" / "sdxl_4.yaml"), "--dry-run", "--gpu-memory", "80"]) == 2
+    assert "has no unit" in capsys.readouterr().err
+    assert main(["--recipe", str(ROOT / "recipes" / "sdxl_4.yaml"), "--dry-run", "--gpus", "3"]) == 2
+    assert "grad_accum_steps" in capsys.readouterr().err  # 4 teachers cannot share 3 ranks equally
+
+
+@pytest.mark.parametrize("text, expected", [("80GiB", 80 * GiB), ("80 GB", 80 * 10**9), ("40960MiB", 40 * GiB),
+                                            ("1.5TiB", int(1.5 * 2**40))])
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["80XB", "eighty", "80", "-1GiB", "0GiB"])
+def test_parse_memory_refuses(text):
+    with pytest.raises(DryRunError, match="--gpu-memory"):
+        parse_memory(text)
+
+
+def test_block_output_shapes_match_the_unet(tiny_unet):
+    from dmm.models.arch import block_output_shapes
+    from dmm.models.features import BlockFeatures
+    from tests.conftest import unet_inputs
+
+    x, t, ehs, kwargs = unet_inputs(tiny_unet)
+    with torch.no_grad(), BlockFeatures(tiny_unet, detach=True) as rec:
+        tiny_unet(x, t, ehs, **kwargs)
+    got = {k: tuple(v.shape[1:]) for k, v in rec.outputs.items()}
+    assert got == block_output_shapes(tiny_unet.config, x.shape[-1])
+
+
+@pytest.mark.slow
+def test_estimate_of_a_small_real_run_is_within_20_percent(tmp_path):
+    """A real run (engine none, 2 teachers, a 20M-parameter SDXL-shaped UNet so that model memory,
+    not the interpreter, dominates): the dry run's estimate against the measured peak rise of the
+    resident set of a fresh process that builds the trainer and runs 2 steps."""
+    import yaml
+    from diffusers import UNet2DConditionModel
+
+    from dmm.models.arch import unet_config
+    from dmm.testing import build_tiny_world, tiny_recipe_dict
+
+    world = build_tiny_world(tmp_path / "world", arch="sdxl", teachers=2, n_samples=16)
+    cfg = unet_config("sdxl", block_out_channels=(96, 192, 192), layers_per_block=2, attention_head_dim=8,
+                      norm_num_groups=32, text_dim=32, sample_size=8)
+    for seed, folder in enumerate([world.base, *world.teachers.values()]):
+        torch.manual_seed(seed)
+        UNet2DConditionModel(**cfg).save_pretrained(str(folder / "unet"))
+    raw = tiny_recipe_dict(world, tmp_path / "run", data={"batch_size": 8})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dry_run_check.py"), "--recipe", str(recipe),
+                           "--steps", "2"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["measured"] > 200 * 2**20, result  # the models dominate what is measured
+    assert 0.8 <= result["ratio"] <= 1.2, proc.stdout
