@@ -211,6 +211,11 @@ def memory_child(kind: str, folders: list[str], dtype: str) -> None:
         loaded = [load_unet(Path(f), dtype_of(dtype)) for f in folders]
     else:
         loaded = [load_merged_unet(Path(folders[0]), dtype_of(dtype))]
+    # diffusers leaves safetensors weights memory-mapped from the file (resident only once read);
+    # copy them out, as any move to a device or dtype change does, so RSS holds them all.
+    for module in loaded:
+        for t in [*module.parameters(), *module.buffers()]:
+            t.data = t.data.clone()
     gc.collect()
     after = rss_bytes()
     print(json.dumps({"rss_growth": after - before, "rss": after, "param_bytes": sum(map(param_bytes, loaded))}))
@@ -252,6 +257,7 @@ def main(argv=None) -> int:
                    help="dtype of the UNets on disk and in the memory figures (default toy float32, sd15 float16)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    p.add_argument("--only", choices=["all", "memory"], default="all", help="memory: skip the timings")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("folders", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -272,23 +278,24 @@ def main(argv=None) -> int:
     try:
         models = toy_models(workdir, args.teachers) if args.size == "toy" else \
             sd15_models(workdir, args.teachers, args.store_dtype)
-        timing = (measure_toy if args.size == "toy" else measure_sd15)(models, args)
+        timing = {} if args.only == "memory" else (measure_toy if args.size == "toy" else measure_sd15)(models, args)
         gc.collect()
         memory = measure_memory(models, args.store_dtype)
     finally:
         if tmp:
             tmp.cleanup()
 
-    med = {k: tuple(statistics.median(v) for v in pair) for k, pair in timing.items() if k != "generation_what"}
     n = args.teachers
-    print(f"\nstyle switch, size {args.size}, {n} styles, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"median of {args.reps} switches\n")
-    print("| | one merged model | load the other teacher (diffusers from_pretrained) | ratio |")
-    print("| --- | --- | --- | --- |")
-    sm, sa = med["switch"]
-    print(f"| switch style A -> B | {fmt_s(sm)} (set_style) | {fmt_s(sa)} | alternative {sa / sm:,.0f}x slower |")
-    gm, ga = med["generation"]
-    print(f"| {timing['generation_what']} | {fmt_s(gm)} | {fmt_s(ga)} | merged / teacher = {gm / ga:.3f} |")
+    if timing:
+        med = {k: tuple(statistics.median(v) for v in pair) for k, pair in timing.items() if k != "generation_what"}
+        print(f"\nstyle switch, size {args.size}, {n} styles, torch {torch.__version__}, {torch.get_num_threads()} "
+              f"threads, median of {args.reps} switches\n")
+        print("| | one merged model | load the other teacher (diffusers from_pretrained) | ratio |")
+        print("| --- | --- | --- | --- |")
+        sm, sa = med["switch"]
+        print(f"| switch style A -> B | {fmt_s(sm)} (set_style) | {fmt_s(sa)} | alternative {sa / sm:,.0f}x slower |")
+        gm, ga = med["generation"]
+        print(f"| {timing['generation_what']} | {fmt_s(gm)} | {fmt_s(ga)} | merged / teacher = {gm / ga:.3f} |")
     tm, mm = memory["teachers"], memory["merged"]
     print(f"\nresident memory, {n} teachers' UNets loaded at once against one merged UNet ({args.store_dtype}):\n")
     print(f"| | {n} teachers | one merged model | ratio |")
