@@ -167,14 +167,16 @@ class PerfConfig:
     device_rng: Literal["auto", "on", "off"] = setting(
         "auto", help="draw noise and timesteps with a generator on the training device (no host-to-device copy; "
                      "saved in checkpoints); auto: on for CUDA. On the CPU the device generator IS the CPU one")
-    fused_adamw: Literal["auto", "on", "off"] = setting("auto", help="fused AdamW kernels (auto: on for CUDA)")
-    channels_last: bool = setting(False, help="student (and its inputs) in channels_last memory format")
+    fused_adamw: Literal["auto", "on", "off"] = setting("auto", resumable=True,
+                                                        help="fused AdamW kernels (auto: on for CUDA)")
+    channels_last: bool = setting(False, resumable=True,
+                                  help="student (and its inputs) in channels_last memory format")
     attention: Literal["sdpa", "classic"] = setting(
-        "sdpa", help="attention of every UNet: sdpa (torch scaled_dot_product_attention, flash/memory-efficient "
+        "sdpa", resumable=True, help="attention of every UNet: sdpa (torch scaled_dot_product_attention, flash/memory-efficient "
                      "kernels on GPUs) or classic (explicit softmax(QK^T)V)")
     compile: Literal["none", "blocks"] = setting(
-        "none", help="torch.compile each down/mid/up block of the student and teachers (first steps are slow)")
-    compile_backend: str = setting("inductor", help="torch.compile backend (inductor; aot_eager for debugging)")
+        "none", resumable=True, help="torch.compile each down/mid/up block of the student and teachers (first steps are slow)")
+    compile_backend: str = setting("inductor", resumable=True, help="torch.compile backend (inductor; aot_eager for debugging)")
 
 
 @dataclass
@@ -253,6 +255,20 @@ def resumable_keys() -> list[str]:
 @functools.cache
 def _resumable_set() -> frozenset[str]:
     return frozenset(resumable_keys())
+
+
+@functools.cache
+def _defaults() -> dict:
+    return {d.key: d.default for d in keys() if d.default != "(section)"}
+
+
+def default_of(key: str):
+    """The schema default of a flattened key (`teachers[0].lora` -> that of `teachers[].lora`), or
+    `MISSING_DEFAULT` when it has none: a recipe saved before a key existed held its default."""
+    return _defaults().get(re.sub(r"\[\d+\]", "[]", key), MISSING_DEFAULT)
+
+
+MISSING_DEFAULT = object()
 
 
 def is_resumable(key: str) -> bool:

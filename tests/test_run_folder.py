@@ -129,6 +129,14 @@ def test_recipe_differences_ignore_resumable_keys_and_name_list_items():
     assert recipe_differences(RECIPE, c) == ["teachers[0].name"]
 
 
+def test_a_run_saved_before_a_key_existed_reads_as_its_default():
+    newer = {**RECIPE, "perf": {"host_sync": "auto", "channels_last": False}, "model": {"init_from": ""},
+             "teachers": [{"name": "a", "path": "/t/a", "lora": ""}], "stages": []}
+    assert recipe_differences(RECIPE, newer) == []
+    changed = {**newer, "perf": {"host_sync": "auto", "channels_last": True}, "model": {"init_from": "/m"}}
+    assert recipe_differences(RECIPE, changed) == ["model.init_from"]  # channels_last may change on resume
+
+
 # ---------------------------------------------------------------- the trainer in a used run folder
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):

@@ -154,6 +154,17 @@ class StyleUNet2DConditionModel(UNet2DConditionModel):
     def style_names(self) -> list[str]:
         return list(self.config.style_names)
 
+    def add_styles(self, names: Sequence[str]) -> None:
+        """Append new styles (incremental merging): new random codebook rows, every old row kept."""
+        names = list(names)
+        if not names:
+            return
+        clash = sorted(set(names) & set(self.style_names))
+        if clash or len(set(names)) != len(names):
+            raise ValueError(f"new style names must be new and unique; {clash or names} already taken")
+        self.class_embedding.grow(len(names))
+        self.register_to_config(style_names=[*self.style_names, *names])
+
     @property
     def style_prompts(self) -> StyleCodebook:
         return self.class_embedding

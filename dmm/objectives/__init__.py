@@ -9,14 +9,17 @@ is a class `Objective(trainer, options)`; a recipe names it in `objective.name` 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import UNet2DConditionModel
 from torch import nn
 
+from dmm.pipeline import merged_style_names
 from dmm.registry import Registry
 
-OBJECTIVES: Registry[type] = Registry("objective", builtins=("dmm.objectives.dmm",))
+OBJECTIVES: Registry[type] = Registry("objective", builtins=("dmm.objectives.dmm", "dmm.objectives.incremental"))
 
 
 class Objective:
@@ -27,6 +30,28 @@ class Objective:
     def __init__(self, trainer: Any, options: Any):
         self.trainer = trainer
         self.options = options
+
+    # What the objective makes of a recipe, known before any model loads (classmethods: export and
+    # the layout need them without a trainer).
+    @classmethod
+    def student_styles(cls, teachers: list[str], init_from: str, options: Any) -> list[str]:
+        """The student's style names, in codebook order."""
+        return list(teachers)
+
+    @classmethod
+    def slot_names(cls, teachers: list[str], init_from: str, options: Any) -> list[str]:
+        """The supervisors the rank layout distributes (teachers, and any other target the objective has)."""
+        return list(teachers)
+
+    @classmethod
+    def check(cls, recipe: Any, options: Any) -> None:
+        """Refuse a recipe this objective cannot run, before any model loads."""
+        if recipe.model.init_from:
+            check_init_from(recipe.model.init_from, recipe.model.base, recipe.style_names)
+
+    def class_labels(self, slots: torch.Tensor) -> torch.Tensor:
+        """The student's style index of each sample from its supervisor slot."""
+        return slots
 
     def trained_models(self, student: nn.Module) -> dict[str, nn.Module]:
         """The models the engine trains (each gets an optimizer), the student first."""
@@ -52,4 +77,40 @@ def make_objective(name: str, trainer: Any, raw_options: dict | None) -> Objecti
     return entry.obj(trainer, entry.parse_options(raw_options, "objective.options"))
 
 
-__all__ = ["OBJECTIVES", "Objective", "make_objective"]
+def objective_class(recipe: Any) -> tuple[type[Objective], Any]:
+    """The recipe's objective class and its parsed options."""
+    entry = OBJECTIVES.get(recipe.objective.name)
+    return entry.obj, entry.parse_options(recipe.objective.options, "objective.options")
+
+
+def student_style_names(recipe: Any) -> list[str]:
+    cls, options = objective_class(recipe)
+    return cls.student_styles(recipe.style_names, recipe.model.init_from, options)
+
+
+def check_init_from(folder: str, base: str, style_names: list[str] | None) -> list[str]:
+    """`model.init_from` is a merged model of this base (with these styles, when given); its style names."""
+    where = f"model.init_from ({folder})"
+    try:
+        names = merged_style_names(folder)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from None
+    if style_names is not None and names != list(style_names):
+        raise ValueError(f"{where} has the styles {names}, the recipe's teachers are {list(style_names)}: a student "
+                         "continues with the same styles in the same order (adding styles is the incremental "
+                         "objective's job)")
+    ignore = ("style_names", "class_embed_type", "num_class_embeds", "projection_class_embeddings_input_dim",
+              "time_cond_proj_dim")
+
+    def config(folder: str | Path) -> dict:
+        return {k: v for k, v in UNet2DConditionModel.load_config(str(Path(folder) / "unet")).items()
+                if not k.startswith("_") and k not in ignore}
+
+    merged, own = config(folder), config(base)
+    differ = sorted(k for k in own if merged.get(k, own[k]) != own[k])
+    if differ:
+        raise ValueError(f"{where} was not merged on the base {base}: its UNet config differs in {differ[:3]}")
+    return names
+
+
+__all__ = ["OBJECTIVES", "Objective", "check_init_from", "make_objective", "objective_class", "student_style_names"]

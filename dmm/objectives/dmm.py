@@ -22,6 +22,7 @@ from dmm.losses import discriminator_loss, feature_imitation_loss, generator_los
 from dmm.losses.score import score_parts
 from dmm.models.discriminator import MultiClassDiscriminator
 from dmm.models.features import BlockFeatures
+from dmm.models.student import StyleUNet2DConditionModel
 from dmm.objectives import OBJECTIVES, Objective
 
 
@@ -52,7 +53,7 @@ class DMMObjective(Objective):
     def trained_models(self, student):
         models = {"student": student}
         if self.use_adv:
-            models["disc"] = MultiClassDiscriminator(self.trainer.base.unet, len(self.trainer.recipe.style_names))
+            models["disc"] = MultiClassDiscriminator(self.trainer.base.unet, len(self.trainer.student_styles))
         return models
 
     # ------------------------------------------------------------- pieces
@@ -80,10 +81,11 @@ class DMMObjective(Objective):
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         return t, x_t
 
-    def teacher_outputs(self, x_t, t, inputs: StepInputs, groups: dict[int, list[int]], want_features: bool):
-        """Each local teacher's prediction (and block features) on the samples of its style, converted
+    def teacher_outputs(self, x_t, t, inputs: StepInputs, groups: dict[int, list[int]], want_features: bool,
+                        labels: torch.Tensor | None = None):
+        """Each local supervisor's prediction (and block features) on the samples of its slot, converted
         to the base's parameterisation; a teacher with its own text encoders gets their encoding of
-        the same captions."""
+        the same captions; a style UNet supervisor (a frozen earlier student) gets the samples' styles."""
         tr = self.trainer
         out = torch.empty_like(x_t, dtype=torch.float32)
         feats: dict[str, torch.Tensor] = {}
@@ -103,6 +105,8 @@ class DMMObjective(Objective):
             dtype = next(teacher.unet.parameters()).dtype
             kwargs = {k: {n: v.to(dtype) for n, v in a.items()} for k, a in sub.unet_kwargs().items()}
             hooks = BlockFeatures(teacher.unet, detach=True) if want_features else contextlib.nullcontext()
+            if isinstance(teacher.unet, StyleUNet2DConditionModel):
+                kwargs["class_labels"] = labels[idx]
             with torch.no_grad(), hooks as recorder:
                 pred = teacher.unet(x_t[idx].to(dtype), t[idx], sub.encoder_hidden_states.to(dtype), **kwargs).sample
             if teacher.prediction_type != tr.base.prediction_type:
@@ -130,19 +134,20 @@ class DMMObjective(Objective):
         optimizers step in the trainer. The discriminator's forward passes do not depend on the
         student's weights, so stepping both after the last micro-step is exact."""
         tr, r = self.trainer, self.trainer.recipe
-        num_styles = len(r.style_names)
+        num_styles = len(tr.student_styles)
+        styles = self.class_labels(styles)  # supervisor slots -> the student's style indices
         inputs = self.inputs(batch)
         t, x_t = self.noised(inputs.latents)
         want_feat = r.loss.lambda_feat > 0
         cond = inputs.cond
 
-        teacher_out, teacher_feats = self.teacher_outputs(x_t, t, inputs, groups, want_feat)
+        teacher_out, teacher_feats = self.teacher_outputs(x_t, t, inputs, groups, want_feat, styles)
         student = tr.models["student"]
         hooks = BlockFeatures(student) if want_feat else contextlib.nullcontext()
         with tr.autocast(), hooks as recorder:
             student_out = student(x_t, t, cond.encoder_hidden_states, class_labels=styles, **cond.unet_kwargs()).sample
         losses = {"score": score_distillation_loss(student_out, teacher_out)}
-        losses.update(score_parts(student_out, teacher_out, groups, r.style_names))  # per teacher, for TensorBoard
+        losses.update(score_parts(student_out, teacher_out, groups, tr.slot_names))  # per teacher, for TensorBoard
         total = losses["score"]
         if want_feat:
             losses["feat"] = feature_imitation_loss(recorder.outputs, teacher_feats)

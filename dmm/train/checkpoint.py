@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from dmm.engines.base import Engine
-from dmm.recipes import is_resumable
+from dmm.recipes import MISSING_DEFAULT, default_of, is_resumable
 from dmm.schema import flatten
 from dmm.io import (atomic_torch_save, atomic_write_json, atomic_write_text, make_dir, move_into, remove_dir,
                     restore_replaced, replace_dir)
@@ -53,6 +53,10 @@ def _resumable(key: str) -> bool:
 def recipe_differences(saved: dict, current: dict) -> list[str]:
     """The keys that differ between two recipes and may not change on resume."""
     a, b = flatten(saved), flatten(current)
+    for key in set(b) - set(a):  # a key added to the schema after the run was saved: its default then
+        default = default_of(key)
+        if default is not MISSING_DEFAULT:
+            a[key] = default
     keys = sorted(set(a) | set(b))
     return [k for k in keys if a.get(k) != b.get(k) and not _resumable(k)]
 

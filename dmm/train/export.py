@@ -10,6 +10,7 @@ from diffusers import DiffusionPipeline
 
 from dmm.io import atomic_write_json
 from dmm.models.student import StyleUNet2DConditionModel
+from dmm.objectives import OBJECTIVES
 from dmm.pipeline import MERGE_INFO, UNET_MODULE, save_pipeline_folder, write_style_unet_module
 
 
@@ -46,12 +47,20 @@ def export_merged(student: StyleUNet2DConditionModel, base: str | Path, out: str
     return save_pipeline_folder(pipe, out, finish)
 
 
+def recipe_student_styles(recipe: dict) -> list[str]:
+    """The student's style names from a saved recipe (teachers' names, and any the objective adds)."""
+    objective = recipe.get("objective") or {"name": "dmm", "options": {}}
+    entry = OBJECTIVES.get(objective["name"])
+    return entry.obj.student_styles([t["name"] for t in recipe["teachers"]], recipe["model"].get("init_from", ""),
+                                    entry.parse_options(objective.get("options"), "objective.options"))
+
+
 def checkpoint_student_state(checkpoint: Path, recipe: dict) -> dict[str, torch.Tensor]:
     """The full student weights of any engine's checkpoint, consolidated in this one process by
     the engine whose format the folder holds."""
     from dmm.engines import engine_holding
 
-    names = [t["name"] for t in recipe["teachers"]]
+    names = recipe_student_styles(recipe)
     return engine_holding(checkpoint, "student").consolidate(
         checkpoint, "student", lambda: build_student(recipe["model"]["base"], names, None).state_dict())
 
@@ -66,6 +75,6 @@ def export_from_checkpoint(checkpoint: str | Path, out: str | Path, base: str | 
     recipe = state["recipe"]
     if base is not None:
         recipe["model"]["base"] = str(base)
-    names = [t["name"] for t in recipe["teachers"]]
+    names = recipe_student_styles(recipe)
     student = build_student(recipe["model"]["base"], names, checkpoint_student_state(checkpoint, recipe))
     return export_merged(student, recipe["model"]["base"], out, {"step": state["step"], "recipe": recipe["name"]})

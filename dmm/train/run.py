@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from dmm.objectives import student_style_names
 from dmm.recipes import Recipe, parse_recipe
 from dmm.train.export import build_student, export_merged
 from dmm.train.signals import StopSignals
@@ -48,7 +49,7 @@ def run_one(recipe: Recipe, engine, stop_flag) -> Path | None:
     state = trainer.student_state_dict()
     merged = None
     if trainer.engine.is_main:
-        student = build_student(recipe.model.base, recipe.style_names, state)
+        student = build_student(recipe.model.base, student_style_names(recipe), state)
         merged = export_merged(student, recipe.model.base, Path(recipe.train.output_dir) / "merged",
                                {"step": trainer.step, "recipe": recipe.name,
                                 "teachers": {t.name: t.path for t in recipe.teachers}})

@@ -24,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 from dmm.data import ShardStream
 from dmm.losses.score import SCORE_PART
 from dmm.models.student import StyleUNet2DConditionModel
+from dmm.objectives import student_style_names
 from dmm.pipeline import _with_unet
 from dmm.sampling import consecutive_seeds, sample_images
 from dmm.train.export import build_student
@@ -67,7 +68,7 @@ def student_for_sampling(engine, student, recipe):
         yield None
         return
     with torch.random.fork_rng(devices=_rng_devices(engine.device)):  # random init of the copy
-        copy = build_student(recipe.model.base, recipe.style_names, state)
+        copy = build_student(recipe.model.base, student_style_names(recipe), state)
     del state
     yield copy.to(engine.device).eval()
 
@@ -81,10 +82,11 @@ class TrainingBoard:
     `step`, it hides what a killed run logged after that step (TensorBoard's purge_step), so
     curves do not fold back."""
 
-    def __init__(self, folder: str | Path, recipe, micro_styles: Sequence[torch.Tensor], step: int = 0):
+    def __init__(self, folder: str | Path, recipe, micro_styles: Sequence[torch.Tensor], step: int = 0,
+                 names: Sequence[str] | None = None):
         self.writer = SummaryWriter(str(folder), purge_step=step + 1 if step else None)
         self.recipe = recipe
-        names = recipe.style_names
+        names = list(names or recipe.style_names)  # the layout's supervisor slots
         rows = [s for styles in micro_styles for s in styles.tolist()]
         # This rank's share of each teacher's samples per step (layout.py fixes it for the run).
         self.shares = {names[i]: rows.count(i) / len(rows) for i in set(rows)}

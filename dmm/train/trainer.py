@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
 from dmm.conditioning import FrozenPipeline
@@ -27,8 +27,7 @@ from dmm.engines import Engine, make_engine
 from dmm.io import make_dir
 from dmm.models.speed import apply_speed_switches
 from dmm.models.student import StyleUNet2DConditionModel
-from dmm.objectives import make_objective
-from dmm.pipeline import merged_style_names
+from dmm.objectives import make_objective, objective_class, student_style_names
 from dmm.recipes import Recipe
 from dmm.registry import get_registry
 from dmm.teachers import check_teacher_paths, load_teacher
@@ -60,7 +59,12 @@ class DistillationTrainer:
         self.engine = engine or make_engine(recipe.distributed.engine, recipe)
         self.stop_flag = stop_flag  # callable -> bool, checked at step boundaries (preemption)
         self.out = Path(recipe.train.output_dir)
-        self.num_styles = len(recipe.style_names)
+        self.objective_class, self.objective_options = objective_class(recipe)
+        self.objective_class.check(recipe, self.objective_options)  # e.g. model.init_from, before any model loads
+        self.slot_names = self.objective_class.slot_names(recipe.style_names, recipe.model.init_from,
+                                                          self.objective_options)
+        self.student_styles = student_style_names(recipe)
+        self.num_styles = len(self.student_styles)
         self._build_layout()  # refuses impossible layouts and missing files before loading any model
         self.device = self.engine.device
         torch.manual_seed(recipe.train.seed)
@@ -84,7 +88,7 @@ class DistillationTrainer:
     def _build_layout(self) -> None:
         r = self.recipe
         self.accum_steps = r.distributed.grad_accum_steps
-        self.layout = TeacherLayout(self.engine.world_size, self.num_styles, self.accum_steps)
+        self.layout = TeacherLayout(self.engine.world_size, len(self.slot_names), self.accum_steps)
         self.local_teachers = self.layout.teachers_for_rank(self.engine.rank)
         # One style vector per gradient-accumulation micro-step (teachers rotate through them; layout.py).
         styles = [self.layout.styles_for_batch(self.engine.rank, r.data.batch_size, m) for m in range(self.accum_steps)]
@@ -94,10 +98,9 @@ class DistillationTrainer:
         # never asks the device which samples belong to a teacher.
         self.micro_groups = [{i: [j for j, s in enumerate(row) if s == i] for i in self.local_teachers}
                              for row in styles]
-        if r.model.init_from:
-            check_init_from(r.model.init_from, r.model.base, r.style_names)
         # Collective: a teacher missing on one rank (node) stops every rank with the same message.
-        agree(check_teacher_paths, [r.teachers[i] for i in self.local_teachers], what="teacher check",
+        agree(check_teacher_paths, [r.teachers[i] for i in self.local_teachers if i < len(r.teachers)],
+              what="teacher check",
               collective=self.engine.world_size > 1)
 
     def _build_base(self) -> FrozenPipeline:
@@ -116,7 +119,7 @@ class DistillationTrainer:
         teachers = agree(lambda: {
             i: load_teacher(i, r.teachers[i], base=r.model.base, student_base=self.base.unet,
                             dtype=r.model.teacher_dtype, default_prediction_type=self.base.prediction_type)
-            for i in self.local_teachers
+            for i in self.local_teachers if i < len(r.teachers)  # other slots are the objective's
         }, what="teacher loading", collective=self.engine.world_size > 1)
         for teacher in teachers.values():
             teacher.unet.to(self.device)
@@ -142,8 +145,9 @@ class DistillationTrainer:
         if self.recipe.model.init_from:
             student = StyleUNet2DConditionModel.from_pretrained(str(Path(self.recipe.model.init_from) / "unet"),
                                                                 local_files_only=True)
+            student.add_styles(self.student_styles[len(student.style_names):])  # incremental: new rows
         else:
-            student = StyleUNet2DConditionModel.from_unet(self.base.unet, self.recipe.style_names)
+            student = StyleUNet2DConditionModel.from_unet(self.base.unet, self.student_styles)
         if self.recipe.train.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         return student
@@ -324,7 +328,7 @@ class DistillationTrainer:
             if self.engine.is_main:
                 make_dir(self.out)
                 r.save(self.out / "recipe.yaml")
-                board = TrainingBoard(self.out / "tb", r, self.micro_styles, self.step)
+                board = TrainingBoard(self.out / "tb", r, self.micro_styles, self.step, names=self.slot_names)
                 self.writer = board.writer
                 cleanup.callback(board.close)
             bar = tqdm(total=r.train.max_steps, initial=self.step, desc="distill", disable=not self.engine.is_main,
@@ -401,28 +405,6 @@ class DistillationTrainer:
 
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         return self.engine.full_state_dict("student")
-
-
-def check_init_from(folder: str, base: str, style_names: list[str]) -> None:
-    """Before any model loads: `model.init_from` is a merged model of this base with these styles."""
-    where = f"model.init_from ({folder})"
-    try:
-        names = merged_style_names(folder)
-    except (FileNotFoundError, ValueError) as err:
-        raise ValueError(f"{where}: {err}") from None
-    if names != list(style_names):
-        raise ValueError(f"{where} has the styles {names}, the recipe's teachers are {list(style_names)}: a student "
-                         "continues with the same styles in the same order (adding styles is the incremental "
-                         "objective's job)")
-    ignore = ("style_names", "class_embed_type", "num_class_embeds", "projection_class_embeddings_input_dim",
-              "time_cond_proj_dim")
-    merged = {k: v for k, v in UNet2DConditionModel.load_config(str(Path(folder) / "unet")).items()
-              if not k.startswith("_") and k not in ignore}
-    own = {k: v for k, v in UNet2DConditionModel.load_config(str(Path(base) / "unet")).items()
-           if not k.startswith("_") and k not in ignore}
-    differ = sorted(k for k in own if merged.get(k, own[k]) != own[k])
-    if differ:
-        raise ValueError(f"{where} was not merged on the base {base}: its UNet config differs in {differ[:3]}")
 
 
 def resolve_host_sync(choice: str, device: torch.device) -> bool:
