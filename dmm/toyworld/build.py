@@ -2,6 +2,7 @@
 
     python -m dmm.toyworld.build --out assets/toyworld [--arch sdxl|sd15] [--styles flat,outline,neon,pixel]
                                  [--scale tiny|full] [--seed 0] [--jobs 2] [--cache DIR] [--plugin my_styles.py]
+    python -m dmm.toyworld.build --extend assets/toyworld --styles hatched,sepia   (adds teachers: extend.py)
 
 Each stage is declared with `@stage(name, needs=(...))`: the stages whose outputs it reads. A
 small runner orders them topologically (ties in declaration order) and runs the ones not done yet;
@@ -285,10 +286,11 @@ class Stages:
         return make_pipeline(self.cfg.arch, self.tokenizer(), self.text_encoders(), self.vae(), unet)
 
 
-def _run_in_worker(cfg: BuildConfig, cache: str, name: str) -> dict:
-    """Run one stage in a (spawned, single-thread) worker process."""
-    load_plugins(cfg.plugins)
-    return Stages(cfg, Path(cache)).run(name)
+def _run_in_worker(stages: Stages, name: str) -> dict:
+    """Run one stage in a (spawned, single-thread) worker process (`stages` is pickled: a subclass,
+    such as the extension's, keeps its own graph and loaders)."""
+    load_plugins(stages.cfg.plugins)
+    return stages.run(name)
 
 
 def run_stages(stages: Stages, targets: list[str] | None = None) -> dict:
@@ -317,7 +319,7 @@ def run_stages(stages: Stages, targets: list[str] | None = None) -> dict:
                 if len(running) >= stages.cfg.jobs:
                     break
                 todo.remove(n)
-                running[ex.submit(_run_in_worker, stages.cfg, str(stages.cache), n)] = n
+                running[ex.submit(_run_in_worker, stages, n)] = n
             if running:
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for f in finished:
@@ -642,14 +644,24 @@ def stage_report(s: Stages, out: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ assemble
+def save_pipeline(s: Stages, name: str, folder: Path) -> None:
+    """Stage `name`'s UNet with the world's text encoders and VAE as a pipeline folder (fp16 weights
+    when `half_precision`)."""
+    import torch
+
+    pipe = s.pipeline(s.unet(name))
+    if s.cfg.half_precision:
+        pipe.unet.to(torch.float16)
+        pipe.vae.to(torch.float16)
+    pipe.save_pretrained(str(folder))
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def assemble(s: Stages, records: dict, wall_s: float, stages_s: float, command: str) -> Path:
     """Write the world folder (pipelines, CLIP, tokenizer, classifier, world.json) atomically."""
-    import torch
-
     from .models import count_params
 
     cfg = s.cfg
@@ -662,12 +674,7 @@ def assemble(s: Stages, records: dict, wall_s: float, stages_s: float, command: 
         shutil.copytree(s.dir("classifier"), tmp / "classifier", ignore=shutil.ignore_patterns("done.json"))
         teachers = {st: f"teachers/{st}" for st in cfg.styles}
         for name, rel in [("base", "base")] + [(f"teacher_{st}", p) for st, p in teachers.items()]:
-            unet = s.unet(name)
-            pipe = s.pipeline(unet)
-            if cfg.half_precision:
-                pipe.unet.to(torch.float16)
-                pipe.vae.to(torch.float16)
-            pipe.save_pretrained(str(tmp / rel))
+            save_pipeline(s, name, tmp / rel)
         report = records["report"]["metrics"]
         meta = {
             "format": 1,
@@ -751,8 +758,22 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--lora-teachers", action="store_true",
                    help="add LoRA teachers (teachers_lora/<style>.safetensors) to the existing world at --out "
                         "instead of building one (see dmm/toyworld/lora_teachers.py)")
+    p.add_argument("--extend", default=None, metavar="WORLD",
+                   help="add teachers of --styles (new registered styles) to the built world WORLD, from its own "
+                        "base, at its recorded settings, and grow its classifier (see dmm/toyworld/extend.py)")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.extend:
+        from .extend import extend_world
+
+        if not a.styles:
+            p.error("--extend needs --styles: the new styles to add, e.g. --styles hatched,sepia")
+        command = "python -m dmm.toyworld.build " + " ".join(argv if argv is not None else sys.argv[1:])
+        rec = extend_world(a.extend, a.styles, jobs=a.jobs, cache=a.cache, progress=False if a.no_progress else None,
+                           plugins=a.plugin, command=command)
+        print(f"own-style accuracy after: {rec['classifier_own_style_accuracy']['after']} "
+              f"(old teachers before: {rec['classifier_own_style_accuracy']['before']})", file=sys.stderr)
+        return Path(a.extend)
     if a.lora_teachers:
         from .lora_teachers import build_lora_teachers
 
