@@ -51,7 +51,7 @@ TOKENS = 77  # caption tokens of the cross-attention input (CLIP's context lengt
 
 # Per-sample memory of the parts of a micro-step, MEASURED on this project's 2-core CPU machine
 # (shared, 2026-12-02, torch 2.13.0+cpu, random weights) with benchmarks/activation_memory.py:
-#   .venv/bin/python benchmarks/activation_memory.py --arch ARCH --latent 16 --width-divisor 8 \
+#   .venv/bin/python benchmarks/activation_memory.py --arch ARCH --latent 16|32 --width-divisor 8 \
 #       --parts PART --precision bf16 [--checkpointing on|off] [--forward-only]
 # as the rise of the process's peak resident set over its level before the step, at batch 2 minus
 # batch 1 after a warm-up step (parameter gradients dropped as they arrive). The UNets are the
@@ -65,16 +65,17 @@ TOKENS = 77  # caption tokens of the cross-attention input (CLIP's context lengt
 # Keys: (arch, part, precision, gradient checkpointing); values: {latent side: bytes per sample},
 # scaled to other latent sizes by the number of latent pixels (`per_sample`).
 MEASURED: dict[tuple[str, str, str, bool | None], dict[int, int]] = {
-    ("sd15", "student", "bf16", False): {16: 355_794_944},  # fwd+bwd
-    ("sd15", "student", "bf16", True): {16: 256_442_368},  # fwd+bwd
-    ("sd15", "disc", "bf16", None): {16: 162_856_960},
-    ("sd15", "disc_frozen", "bf16", None): {16: 24_969_216},
+    ("sd15", "student", "bf16", False): {16: 355_794_944, 32: 449_708_032},  # fwd+bwd
+    ("sd15", "student", "bf16", True): {16: 256_442_368, 32: 258_801_664},  # fwd+bwd
+    ("sd15", "disc", "bf16", None): {16: 162_856_960, 32: 221_609_984},
+    ("sd15", "disc_frozen", "bf16", None): {16: 24_969_216, 32: 81_264_640},
     ("sd15", "teacher", "bf16", None): {16: 137_756_672},
     ("sdxl", "teacher", "bf16", None): {16: 96_370_688},
-    ("sdxl", "student", "bf16", False): {16: 577_830_912},  # forward only
-    ("sdxl", "student", "bf16", True): {16: 107_020_288},  # fwd+bwd
-    ("sdxl", "disc", "bf16", None): {16: 311_328_768},
-    ("sdxl", "disc_frozen", "bf16", None): {16: 73_138_176},
+    ("sdxl", "student", "bf16", False): {16: 577_830_912, 32: 929_267_712},  # forward only
+    ("sdxl", "student", "bf16", True): {16: 107_020_288, 32: 247_562_240},  # fwd+bwd
+    ("sdxl", "disc", "bf16", None): {16: 311_328_768, 32: 482_869_248},
+    ("sdxl", "disc_frozen", "bf16", None): {16: 73_138_176, 32: 285_016_064},
+    ("sd15", "vae", "fp32", None): {16: 63_135_744},  # full size; SDXL's VAE is the same network
 }
 
 # Foreach AdamW (the default on a GPU) allocates one temporary as large as the exp_avg_sq states.
@@ -275,11 +276,17 @@ ENGINE_MEMORY = {"none": _held_none, "deepspeed": _held_deepspeed, "fsdp2": _hel
 # --------------------------------------------------------------------------- activations
 def per_sample(arch: str, part: str, precision: str, checkpointing: bool | None, latent: int) -> int:
     """MEASURED bytes per sample of a part, scaled to a square latent of side `latent`: through two
-    measured sizes a line in the number of latent pixels (constant + proportional part); through
-    one, proportional."""
+    measured sizes a line in the number of latent pixels (a per-sample constant + a part
+    proportional to the pixels; at these small sizes the constant is large, so a purely
+    proportional scaling would overstate 1024 px several times). A part measured at one size
+    follows the line of the same UNet's student (its ratio between the two sizes)."""
     points = MEASURED[(arch, part, precision, checkpointing)]
     sides = sorted(points)
-    if len(sides) == 1:
+    if len(sides) == 1:  # the shape of a part of the same UNet measured at two sizes, else proportional
+        shape = next((k for k in ((arch, part, precision, not checkpointing), (arch, "student", precision, False))
+                      if len(MEASURED.get(k, {})) > 1 and sides[0] in MEASURED[k]), None)
+        if shape is not None:
+            return int(points[sides[0]] * per_sample(*shape, latent) / MEASURED[shape][sides[0]])
         return int(points[sides[0]] * latent**2 / sides[0] ** 2)
     a, b = sides[0], sides[-1]
     slope = (points[b] - points[a]) / (b**2 - a**2)
@@ -510,7 +517,7 @@ def activations(recipe: Recipe, models: Models) -> Activations:
             vae=_figure(name, "vae", "fp32", None, latent, notes),
             features=features,
             source=f"measured figures of the full-size {name} UNet (dmm.train.dryrun.MEASURED) scaled to the "
-                   f"{latent}x{latent} latent by its pixel count" + "".join(f"; {n}" for n in notes))
+                   f"{latent}x{latent} latent along a line in the latent pixel count" + "".join(f"; {n}" for n in notes))
         return act
     if models.student > 200_000_000:
         raise DryRunError(f"no measured activation figures for this {name} UNet ({models.student / 1e6:.0f}M "
