@@ -106,7 +106,8 @@ def _merged_full_size(root, arch, dtype):
 
 @pytest.mark.slow
 def test_full_size_sd15_cli_export_loads_in_diffusers_and_sd_mecha(tmp_path):
-    """Measured: ~1 min and 9 GB peak on the 2-core CPU box (shared)."""
+    """Run under the memory lock. With the SDXL test: 363 s together (224 s this one) and 14.8 GB peak RSS on
+    the 2-core CPU box, shared (load average ~20), 2026-12-01."""
     merged = _merged_full_size(tmp_path, "sd15", torch.float16)
     out = tmp_path / "sd15-neon.safetensors"
     assert main(["export", "--model", str(merged), "--style", "neon", "--format", "single-file",
