@@ -12,7 +12,7 @@ its weights), then loads each file in a fresh subprocess with
   base  dmm.teachers.load_teacher_parts(text_encoder="base"): the UNet only
   own   dmm.teachers.load_teacher_parts(text_encoder="own"): the UNet and the file's text encoders
 
-and reports the process's peak RSS (ru_maxrss) above its RSS just before loading, divided by the
+and reports the process's peak RSS (VmHWM) above its RSS just before loading, divided by the
 bytes of the loaded parameters. Run the full-size ones under the shared memory lock:
 
   flock /tmp/dmm-bigmem.lock python benchmarks/teacher_loading.py --arch sd15 --file-dtype float16 float32
@@ -107,6 +107,15 @@ def _old_loader(path: Path, base: Path, dtype):
                                                   local_files_only=True).to(dtype)]
 
 
+def _high_water_mark() -> int:
+    """Peak RSS of this process's own memory (VmHWM). Not ru_maxrss: Linux carries the parent's
+    RSS at fork over an exec into the child's ru_maxrss, so a big driver would mask the figure."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def measure(mode: str, path: Path, base: Path, dtype_name: str) -> dict:
     # Everything either loader imports, imported first: the figure is the loading, not the imports.
     import accelerate  # noqa: F401
@@ -130,7 +139,7 @@ def measure(mode: str, path: Path, base: Path, dtype_name: str) -> dict:
         parts = load_teacher_parts(path, base=base, dtype=dtype, text_encoder=mode)
         modules = [parts.unet, *parts.encoders().values()]
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _high_water_mark()
     held = sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
     return {"mode": mode, "dtype": dtype_name, "loaded_gib": held / 2**30, "rss_before_gib": before / 2**30,
             "peak_rss_gib": peak / 2**30, "peak_above_before_gib": (peak - before) / 2**30,
@@ -152,10 +161,14 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", nargs="+", default=["old", "base", "own"], choices=["old", "base", "own"])
     parser.add_argument("--work", default="/tmp/dmm-teacher-loading", help="folder for the files (kept)")
     parser.add_argument("--out", default="", help="append JSON lines here")
+    parser.add_argument("--write", nargs=3, metavar=("FILE", "ARCH", "DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--measure", nargs=4, metavar=("MODE", "FILE", "BASE", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     import psutil
 
+    if args.write:
+        write_file(Path(args.write[0]), args.write[1], args.write[2])
+        return 0
     if args.measure:
         mode, file, base, dtype = args.measure
         print(json.dumps(measure(mode, Path(file), Path(base), dtype)))
@@ -167,8 +180,8 @@ def main(argv=None) -> int:
     for file_dtype in args.file_dtype:
         path = work / f"{args.arch}-{file_dtype}.safetensors"
         if not path.is_file():
-            print(f"writing {path} ...", flush=True)
-            write_file(path, args.arch, file_dtype)
+            print(f"writing {path} ...", flush=True)  # in a child: this driver must stay small (see _estimate)
+            subprocess.run([sys.executable, __file__, "--write", str(path), args.arch, file_dtype], check=True)
         for mode in args.modes:
             need = _estimate(path, args.arch, args.teacher_dtype, mode)
             available = psutil.virtual_memory().available
