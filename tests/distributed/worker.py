@@ -24,6 +24,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from dmm.distributed import all_gather_object  # noqa: E402
 from dmm.engines import SingleProcessEngine, make_engine  # noqa: E402
+from dmm.losses.score import SCORE_PART  # noqa: E402
 from dmm.recipes import load_recipe, parse_recipe  # noqa: E402
 from dmm.train.trainer import DistillationTrainer  # noqa: E402
 
@@ -80,7 +81,8 @@ def props(recipe, out: Path) -> None:
         for b, g, _, styles in gathered:
             ref.generator.set_state(g)
             ref_losses.append({k: float(v.detach()) for k, v in
-                               ref.micro_step(b, torch.tensor(styles), 1.0 / len(gathered)).items()})
+                               ref.micro_step(b, torch.tensor(styles), 1.0 / len(gathered)).items()
+                               if not k.startswith(SCORE_PART)})  # per-teacher parts: TensorBoard only
         result["reference_losses"] = ref_losses
         result["rank_losses"] = [{k: v for k, v in x[2].items() if k in ref_losses[0]} for x in gathered]
         steps, grads = {}, {}
