@@ -2,7 +2,7 @@
 
     python -m dmm.toyworld.build --out assets/toyworld [--arch sdxl|sd15] [--styles flat,outline,neon,pixel]
                                  [--scale tiny|full] [--seed 0] [--jobs 2] [--cache DIR] [--plugin my_styles.py]
-    python -m dmm.toyworld.build --extend assets/toyworld --styles hatched,sepia   (adds teachers: extend.py)
+    python -m dmm.toyworld.extend assets/toyworld --styles hatched,sepia   (adds teachers: extend.py)
 
 Each stage is declared with `@stage(name, needs=(...))`: the stages whose outputs it reads. A
 small runner orders them topologically (ties in declaration order) and runs the ones not done yet;
@@ -758,22 +758,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--lora-teachers", action="store_true",
                    help="add LoRA teachers (teachers_lora/<style>.safetensors) to the existing world at --out "
                         "instead of building one (see dmm/toyworld/lora_teachers.py)")
-    p.add_argument("--extend", default=None, metavar="WORLD",
-                   help="add teachers of --styles (new registered styles) to the built world WORLD, from its own "
-                        "base, at its recorded settings, and grow its classifier (see dmm/toyworld/extend.py)")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if a.extend:
-        from .extend import extend_world
-
-        if not a.styles:
-            p.error("--extend needs --styles: the new styles to add, e.g. --styles hatched,sepia")
-        command = "python -m dmm.toyworld.build " + " ".join(argv if argv is not None else sys.argv[1:])
-        rec = extend_world(a.extend, a.styles, jobs=a.jobs, cache=a.cache, progress=False if a.no_progress else None,
-                           plugins=a.plugin, command=command)
-        print(f"own-style accuracy after: {rec['classifier_own_style_accuracy']['after']} "
-              f"(old teachers before: {rec['classifier_own_style_accuracy']['before']})", file=sys.stderr)
-        return Path(a.extend)
     if a.lora_teachers:
         from .lora_teachers import build_lora_teachers
 

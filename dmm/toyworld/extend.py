@@ -1,6 +1,6 @@
 """Add teachers of new styles to a built toy world, keeping what it has.
 
-    python -m dmm.toyworld.build --extend assets/toyworld --styles hatched,sepia [--jobs 2] [--cache DIR]
+    python -m dmm.toyworld.extend assets/toyworld --styles hatched,sepia [--jobs 2] [--cache DIR]
 
 The new teachers come from the world's own base, tokenizer, CLIP and VAE, trained by the build's
 own stages (`build.stage_data`, `stage_cond`, `stage_teacher`, `stage_classifier`, unchanged) at
@@ -270,3 +270,31 @@ def _assemble(s: ExtendStages, report: dict, record: dict) -> None:
 
 
 __all__ = ["ExtendError", "ExtendStages", "check_extension", "extend_world", "extension_config"]
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """The command line; its own module so that the build (which the extension reuses) never imports it."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m dmm.toyworld.extend",
+                                description="add teachers of new registered styles to a built toy world, from its "
+                                            "own base at its recorded settings, and grow its classifier")
+    p.add_argument("world", help="the built toy world folder (e.g. assets/toyworld)")
+    p.add_argument("--styles", required=True, help="the new styles, comma-separated, e.g. hatched,sepia")
+    p.add_argument("--jobs", type=int, default=None, help="parallel processes for independent stages")
+    p.add_argument("--cache", default=None, help="stage cache folder (an interrupted run resumes from it)")
+    p.add_argument("--plugin", action="append", default=None, metavar="MODULE_OR_FILE.py",
+                   help="a module or .py file that registers styles (repeatable)")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    command = "python -m dmm.toyworld.extend " + " ".join(argv if argv is not None else sys.argv[1:])
+    rec = extend_world(a.world, a.styles, jobs=a.jobs, cache=a.cache, progress=False if a.no_progress else None,
+                       plugins=a.plugin, command=command)
+    print(f"own-style accuracy after: {rec['classifier_own_style_accuracy']['after']} "
+          f"(old teachers before: {rec['classifier_own_style_accuracy']['before']})", file=sys.stderr)
+    return Path(a.world)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""Adding teachers of new styles to a built toy world (`python -m dmm.toyworld.build --extend`)."""
+"""Adding teachers of new styles to a built toy world (`python -m dmm.toyworld.extend`)."""
 import json
 
 import pytest
@@ -7,6 +7,7 @@ import torch
 import dmm.toyworld.extend as extend
 from dmm.toyworld import load_world
 from dmm.toyworld.build import main
+from dmm.toyworld.extend import main as extend_main
 from dmm.toyworld.classifier import ToyClassifier
 from dmm.toyworld.extend import ExtendError, check_extension
 
@@ -30,13 +31,13 @@ def test_extend_adds_teachers_and_classes_keeping_the_world(tmp_path, monkeypatc
 
     monkeypatch.setattr(extend, "save_pipeline", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        main(["--extend", str(world_dir), "--styles", "hatched,sepia", "--cache", str(tmp_path / "xcache"),
+        extend_main([str(world_dir), "--styles", "hatched,sepia", "--cache", str(tmp_path / "xcache"),
               "--no-progress"])
     assert _files(world_dir) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "world", "xcache"]
     monkeypatch.undo()
 
-    main(["--extend", str(world_dir), "--styles", "hatched,sepia", "--cache", str(tmp_path / "xcache"),
+    extend_main([str(world_dir), "--styles", "hatched,sepia", "--cache", str(tmp_path / "xcache"),
           "--no-progress"])
     after = _files(world_dir)
     # everything the world had is byte-identical, except its classifier and world.json
@@ -103,7 +104,7 @@ def test_extend_refuses_a_folder_that_is_not_a_world(tmp_path):
     with pytest.raises(ExtendError, match="not a toy world.*world.json missing"):
         check_extension(tmp_path / "stuff", "sepia")
     with pytest.raises(SystemExit):  # the CLI insists on naming the new styles
-        main(["--extend", str(tmp_path / "stuff")])
+        extend_main([str(tmp_path / "stuff")])
 
 
 def test_extend_refuses_a_world_without_build_settings(tmp_path):
