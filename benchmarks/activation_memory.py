@@ -115,7 +115,7 @@ def measure_student(arch, config, latent, precision, checkpointing, forward_only
     return out
 
 
-def measure_disc(arch, config, latent, precision, frozen, forward_only=False):
+def measure_disc(arch, config, latent, precision, frozen, forward_only=False, checkpointing=False):
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -125,6 +125,8 @@ def measure_disc(arch, config, latent, precision, frozen, forward_only=False):
     with torch.device("meta"):
         disc = MultiClassDiscriminator(UNet2DConditionModel(**config), STYLES)
     random_init(disc).train()
+    if checkpointing:
+        disc.enable_gradient_checkpointing()
     disc.requires_grad_(not frozen)
     drop_grads(disc)
     out = {}
@@ -208,7 +210,8 @@ def main(argv=None) -> int:
     parser.add_argument("--latent", type=int, nargs="+", default=[16, 32], help="latent side lengths to measure")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="only this precision")
-    parser.add_argument("--checkpointing", choices=["on", "off"], default=None, help="student: only this setting")
+    parser.add_argument("--checkpointing", choices=["on", "off"], default=None,
+                        help="student: only this setting; disc, disc_frozen: off unless on")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--width-divisor", type=int, default=1,
                         help="measure the architecture with every channel count divided by k (k^2 fewer "
@@ -245,9 +248,12 @@ def main(argv=None) -> int:
                 elif part == "vae":
                     res = measure_vae(args.arch, latent)
                 else:
-                    res = measure_disc(args.arch, config, latent, precision, flag, args.forward_only)
+                    res = measure_disc(args.arch, config, latent, precision, flag, args.forward_only,
+                                       args.checkpointing == "on")
                 print(json.dumps({"arch": args.arch, "part": part, "precision": precision,
-                                  "checkpointing": bool(flag) if part == "student" else None, "latent": latent,
+                                  "checkpointing": bool(flag) if part == "student" else (
+                                      args.checkpointing == "on" if part.startswith("disc") else None),
+                                  "latent": latent,
                                   "forward_only": args.forward_only,
                                   "width_divisor": 1 if part == "vae" else args.width_divisor,
                                   "per_sample_bytes_full": (res[2] - res[1]) * (1 if part == "vae"

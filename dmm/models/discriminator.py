@@ -12,6 +12,7 @@ import copy
 import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def _groups(channels: int) -> int:
@@ -38,8 +39,22 @@ class MultiClassDiscriminator(nn.Module):
             layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(_groups(channels), channels), nn.SiLU()]
         self.head = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 2 * num_styles))
         self.num_styles = num_styles
+        self.gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Activation checkpointing (`train.gradient_checkpointing`): the encoder's blocks through
+        diffusers' own switch, the head through torch.utils.checkpoint. Its update runs 2x the
+        micro-batch (fake and real), so its stored activations are the SDXL step's largest."""
+        self.encoder.enable_gradient_checkpointing()
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.encoder.disable_gradient_checkpointing()
+        self.gradient_checkpointing = False
 
     def forward(self, x_t, t, encoder_hidden_states, added_cond_kwargs=None) -> torch.Tensor:
         kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs is not None else {}
         feats = self.encoder(x_t, t, encoder_hidden_states, **kwargs).sample
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self.head, feats, use_reentrant=False)
         return self.head(feats)
