@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--interpolate", nargs=2, metavar=("STYLE_A", "STYLE_B"),
                    help="also draw a strip at weights 0.0..1.0 between two styles (Figure 10)")
     g.add_argument("--interp-prompts", type=int, default=2, help="rows (prompts) in the interpolation strip")
+    g.add_argument("--interp-samples", type=int, default=8,
+                   help="images per weight for the mixing-smoothness curves under the strip (toy classifier "
+                   "probability of STYLE_B, CLIP position between the ends; at most --num-samples; default 8)")
     g.add_argument("--mix", nargs="+", metavar="STYLE", help="also score an equal-weight mixture of these styles")
     g.add_argument("--toyworld", help="toy world folder for the toy defaults (default: the recipe's "
                    "data.toyworld.world, else assets/toyworld)")
@@ -169,6 +172,7 @@ def config_from_args(args) -> SuiteConfig:
         toyworld=args.toyworld or (args.teachers_from_recipe and recipe_toyworld(args.teachers_from_recipe))
         or str(REPO_ROOT / "assets" / "toyworld"), grid_images=args.grid_images,
         interpolate=tuple(args.interpolate) if args.interpolate else None, interp_prompts=args.interp_prompts,
+        interp_samples=args.interp_samples,
         mix=args.mix, baselines=dict(args.baseline), progress=not args.no_progress,
     )
 

@@ -43,6 +43,7 @@ class SuiteConfig:
     grid_images: int = 8
     interpolate: tuple[str, str] | None = None
     interp_prompts: int = 2
+    interp_samples: int = 8  # images per weight for the mixing-smoothness curves (eval.smoothness)
     mix: list[str] | None = None  # Table 3: equal-weight mixture of these styles, scored
     baselines: dict[str, str] = field(default_factory=dict)  # e.g. a weight-merged model, scored
     progress: bool = True
@@ -122,7 +123,8 @@ def _pair_styles(style_names: list[str], teachers: dict[str, str]) -> tuple[list
 def _check_counts(cfg: SuiteConfig, style_names: list[str]) -> None:
     if cfg.num_samples < 2:
         raise ValueError(f"--num-samples must be at least 2 (a covariance needs 2 samples), got {cfg.num_samples}")
-    for value, flag in ((cfg.grid_images, "--grid-images"), (cfg.interp_prompts, "--interp-prompts")):
+    for value, flag in ((cfg.grid_images, "--grid-images"), (cfg.interp_prompts, "--interp-prompts"),
+                        (cfg.interp_samples, "--interp-samples")):
         if value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
     if cfg.mix is not None and (len(cfg.mix) < 2 or any(s not in style_names for s in cfg.mix)):

@@ -3,6 +3,7 @@
 * ``fid_heatmaps.png``: M and M_ref side by side on one colour scale (the paper's Figure 4).
 * ``grid_<style>.png``: merged row above teacher row, same prompts and seeds (Figure 5).
 * ``interpolation.png``: rows of prompts, columns of weights 0.0..1.0 between two styles (Figure 10).
+* ``interpolation_<a>_<b>_smoothness.png``: that strip over its mixing-smoothness curves (eval.smoothness).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 
 from eval.generate import atomic_write_bytes, atomic_write_text
 
-__all__ = ["image_grid", "package_versions", "plot_fid_heatmaps", "safe_name", "write_json", "write_markdown"]
+__all__ = ["image_grid", "package_versions", "plot_fid_heatmaps", "plot_mixing_curves", "safe_name", "write_json",
+           "write_markdown"]
 
 
 def safe_name(text: str) -> str:
@@ -92,6 +94,47 @@ def plot_fid_heatmaps(m: np.ndarray, m_ref: np.ndarray | None, row_labels: Seque
     return Path(path)
 
 
+def plot_mixing_curves(strip, smoothness: dict, path, title: str = ""):
+    """The interpolation strip with its mixing-smoothness curves (eval.smoothness) plotted beneath it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    with Image.open(strip) as im:
+        img = np.asarray(im.convert("RGB"))
+    width = max(6.0, img.shape[1] / 110)
+    strip_h = width * img.shape[0] / img.shape[1]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(width, strip_h + 3.2), layout="constrained",
+                                      gridspec_kw={"height_ratios": [strip_h, 3.0]})
+    top.imshow(img)
+    top.axis("off")
+    for (name, c), marker in zip(smoothness["curves"].items(), "os^v"):
+        share = c.get("max_jump_share")
+        label = (f"{name}: largest step {c['max_jump']:.2f} at {c['max_jump_between'][0]}->"
+                 f"{c['max_jump_between'][1]}" + (f" ({share:.2f} of its span)" if share is not None else "")
+                 + f", |p - line| {c['line_l1']:.3f}")
+        bottom.plot(c["weights"], c["curve"], marker=marker, label=label)
+    if smoothness["curves"]:
+        w = next(iter(smoothness["curves"].values()))["weights"]
+        bottom.plot([w[0], w[-1]], [0, 1], color="grey", linestyle=":", label="straight line 0 -> 1")
+        bottom.legend(fontsize=7, loc="upper left")
+    else:
+        bottom.text(0.5, 0.5, "no curve: " + "; ".join(smoothness.get("skipped", {}).values()), ha="center",
+                    va="center", fontsize=8, wrap=True, transform=bottom.transAxes)
+    bottom.set_ylim(-0.02, 1.02)
+    bottom.set_xlabel("mixing weight of the second style")
+    bottom.set_ylabel("position (0: first style, 1: second)")
+    bottom.set_title(title, fontsize=9)
+    bottom.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
+
+
 def image_grid(rows: Sequence[Sequence], row_labels: Sequence[str], path, col_labels: Sequence[str] | None = None,
                cell: int | None = None, title: str | None = None):
     """A PNG grid: ``rows`` of image paths / PIL images / uint8 arrays, a label left of each row.
@@ -154,6 +197,24 @@ def _matrix_md(mat, rows, cols) -> list[str]:
     return lines
 
 
+def _smoothness_md(sm: dict) -> list[str]:
+    a, b = sm["styles"]
+    lines = ["", f"## Mixing smoothness {a} -> {b}", "",
+             (f"{sm['images_per_weight']} images per weight (same prompts and seeds at every weight), placed from "
+              f"0 ({a}) to 1 ({b}). Largest step: 1/steps on a straight path, 1 (of the span) on a step function; "
+              "|p - line|: mean distance from the straight line between the curve's ends (eval/smoothness.py)."), "",
+             f"![mixing smoothness]({sm['plot']})", "",
+             ("| curve | largest step | between | share of span | mean \\|p - line\\| | per-image largest step | "
+              "p(w) at " + ", ".join(str(w) for w in next(iter(sm["curves"].values()), {}).get("weights", [])) + " |"),
+             "|---|---|---|---|---|---|---|"]
+    for name, c in sm["curves"].items():
+        lines.append(f"| {name} | {c['max_jump']:.3f} | {c['max_jump_between'][0]}->{c['max_jump_between'][1]} | "
+                     f"{_fmt(c['max_jump_share'], 3)} | {c['line_l1']:.3f} | {c['per_image_max_jump']:.3f} | "
+                     + " ".join(f"{v:.2f}" for v in c["curve"]) + " |")
+    lines += [f"- {name}: skipped ({why})" for name, why in sm.get("skipped", {}).items()]
+    return lines
+
+
 def write_markdown(path, report: dict) -> Path:
     """A human-readable summary of ``report`` (the dict written to report.json)."""
     fid = report["fid"]
@@ -201,6 +262,8 @@ def write_markdown(path, report: dict) -> Path:
         lines.append(f"- {name}: ![{name}]({f}) (top: merged, bottom: teacher)")
     if report["files"].get("interpolation"):
         lines.append(f"- interpolation: ![interpolation]({report['files']['interpolation']})")
+    if report.get("mixing_smoothness"):
+        lines += _smoothness_md(report["mixing_smoothness"])
     lines += ["", "## Versions", "", "```", json.dumps(report["versions"], indent=1), "```", ""]
     atomic_write_text(Path(path), "\n".join(lines))
     return Path(path)

@@ -26,7 +26,17 @@ from eval.fid import FeatureStats, fid_matrix, fid_trace
 from eval.generate import GenerationCache, ImageSet, ProgressBars, atomic_write_text, generate_sets
 from eval.metrics import MetricContext, prepare_metrics, score_sets, style_accuracy
 from eval.plan import Plan, SuiteConfig, make_plan, recipe_toyworld, teachers_from_recipe
-from eval.report import image_grid, package_versions, plot_fid_heatmaps, safe_name, write_json, write_markdown
+from eval.report import (
+    image_grid,
+    package_versions,
+    plot_fid_heatmaps,
+    plot_mixing_curves,
+    safe_name,
+    write_json,
+    write_markdown,
+)
+from eval.scores import BackendUnavailable
+from eval.smoothness import classifier_style_names, mixing_smoothness
 
 __all__ = ["SuiteConfig", "recipe_toyworld", "run_suite", "teachers_from_recipe"]
 
@@ -78,20 +88,63 @@ def write_figures(plan: Plan, cache: GenerationCache, paths: dict, m, m_ref, out
     return files
 
 
+def interp_sets(plan: Plan) -> list[ImageSet]:
+    """One set per weight of the strip: the same prompts and seeds at every weight; the strip shows the
+    first --interp-prompts of them, the smoothness curves use the first --interp-samples."""
+    cfg = plan.cfg
+    a, b = cfg.interpolate
+    n = max(1, min(max(cfg.interp_prompts, cfg.interp_samples), len(plan.prompts)))
+    return [ImageSet(f"interp/{a}-{b}/{w}", cfg.merged, "merged", {a: round(1 - w, 1), b: w}, plan.prompts[:n],
+                     plan.seeds[:n]) for w in INTERP_WEIGHTS]
+
+
 def _interpolation(plan: Plan, cache: GenerationCache, out: Path) -> str:
     cfg = plan.cfg
     a, b = cfg.interpolate
     k = max(1, min(cfg.interp_prompts, len(plan.prompts)))
-    columns = []
-    for w in INTERP_WEIGHTS:
-        s = ImageSet(f"interp/{a}-{b}/{w}", cfg.merged, "merged", {a: round(1 - w, 1), b: w}, plan.prompts[:k],
-                     plan.seeds[:k])
-        columns.append(cache.ensure(s))
+    columns = [cache.ensure(s) for s in interp_sets(plan)]
     rows = [[col[r] for col in columns] for r in range(k)]
     name = f"interpolation_{safe_name(a)}_{safe_name(b)}.png"
     image_grid(rows, [f"prompt {r}" for r in range(k)], out / name, col_labels=[f"{b}={w}" for w in INTERP_WEIGHTS],
                title=f"interpolation {a} -> {b}: weight of {b} (weight of {a} = 1 - w)")
     return name
+
+
+def _clip_for_smoothness(plan: Plan, ctx: MetricContext):
+    """(the CLIP score metric's backbone, None), or (None, why not): its options, else the toy world's CLIP."""
+    opts = plan.cfg.metric_options.get("clip_score") or {}
+    toy = opts.get("model") is None
+    if toy and plan.world is None:
+        return None, f"no CLIP: pass --clip-model (toy default unavailable: {plan.world_reason})"
+    spec = opts.get("model") or str(plan.world.clip_path)
+    processor = opts.get("processor") or (str(plan.world.tokenizer_path) if toy else None)
+    try:
+        return ctx.embedder(spec, processor, "--clip-model", opts.get("preprocess") or
+                            ("minus1to1" if toy else "processor")), None
+    except BackendUnavailable as exc:
+        return None, str(exc)
+
+
+def smoothness_section(plan: Plan, cache: GenerationCache, ctx: MetricContext, out: Path, strip: str) -> dict:
+    """Mixing-smoothness curves of the strip's path (eval.smoothness) and their plot under the strip."""
+    cfg = plan.cfg
+    a, b = cfg.interpolate
+    n = max(1, min(cfg.interp_samples, len(plan.prompts)))
+    images = [cache.load_images(cache.ensure(s)[:n]) for s in interp_sets(plan)]
+    skipped, classifier, names = {}, None, None
+    if plan.world is not None and hasattr(plan.world.classifier, "predict"):
+        classifier = plan.world.classifier
+        names = classifier_style_names(plan.world)
+    else:
+        skipped["classifier"] = f"no toy classifier ({plan.world_reason or 'the toy world has none'})"
+    embedder, why = _clip_for_smoothness(plan, ctx)
+    if why:
+        skipped["clip"] = why
+    result = mixing_smoothness(INTERP_WEIGHTS, images, b, classifier, names, embedder, skipped)
+    name = f"interpolation_{safe_name(a)}_{safe_name(b)}_smoothness.png"
+    plot_mixing_curves(out / strip, result, out / name, title=f"{a} -> {b}: position along the path (0 = {a}, "
+                       f"1 = {b}), {n} images per weight")
+    return {"styles": [a, b], "images_per_weight": n, "plot": name, **result}
 
 
 def run_suite(cfg: SuiteConfig) -> dict:
@@ -100,8 +153,8 @@ def run_suite(cfg: SuiteConfig) -> dict:
         load_plugin(spec)
     plan = make_plan(cfg)
     extractor = build_extractor(plan)
-    metrics = prepare_metrics(cfg.metrics, cfg.metric_options,
-                              MetricContext(plan.sampling.device, plan.world, plan.world_reason))
+    ctx = MetricContext(plan.sampling.device, plan.world, plan.world_reason)
+    metrics = prepare_metrics(cfg.metrics, cfg.metric_options, ctx)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = GenerationCache(cfg.cache or out / "cache", plan.sampling, progress=ProgressBars(cfg.progress))
@@ -117,6 +170,7 @@ def run_suite(cfg: SuiteConfig) -> dict:
     style_acc = (style_accuracy(plan.world, plan.merged_sets + plan.teacher_sets, plan.styles + plan.teacher_order,
                                 paths, cache.load_images) if isinstance(extractor, ToyWorldFeatures) else {})
     files = write_figures(plan, cache, paths, m, m_ref, out)
+    smoothness = smoothness_section(plan, cache, ctx, out, files["interpolation"]) if cfg.interpolate else None
 
     from PIL import Image
 
@@ -145,6 +199,7 @@ def run_suite(cfg: SuiteConfig) -> dict:
         "fid": fid,
         "scores": scores,
         "style_accuracy": style_acc,
+        "mixing_smoothness": smoothness,
         "sample_counts": {label: len(p) for label, p in paths.items()},
         "generated_this_run": cache.generated,
         "cache": str(cache.root),

@@ -45,7 +45,8 @@ def test_suite_writes_full_report_and_resumes(tiny_models, tiny_clip_dir, colour
     out = tmp_path / "eval"
     styles = tiny_models["styles"]
     rc = main(_args(tiny_models, out, prompts, colour_features, tiny_clip_dir,
-                    "--interpolate", styles[0], styles[1], "--interp-prompts", "1", "--mix", *styles,
+                    "--interpolate", styles[0], styles[1], "--interp-prompts", "1", "--interp-samples", "1",
+                    "--mix", *styles,
                     "--baseline", f"wm={tiny_models['base']}"))
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
