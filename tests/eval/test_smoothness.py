@@ -61,6 +61,15 @@ def test_clip_positions_place_images_between_the_ends():
     two = np.stack([np.stack([a + 0.1 * b, a - 0.1 * b]), np.stack([b + 0.1 * a, b - 0.1 * a])])
     p2 = clip_positions(two)
     assert 0 < p2[0, 0] < 0.5 < p2[0, 1] < 1
+    # paired: each image against itself at the ends; content (a third direction per image) cancels
+    c = np.array([0.0, 0.0, 1.0])
+    mixed = np.stack([np.stack([np.cos(t) * a + np.sin(t) * b + 3 * c, np.cos(t) * a + np.sin(t) * b - 3 * c])
+                      for t in np.linspace(0, np.pi / 2, 5)])
+    paired = clip_positions(mixed, paired=True)
+    assert paired[:, 0] == pytest.approx([0, 0]) and paired[:, -1] == pytest.approx([1, 1])
+    assert paired[:, 2] == pytest.approx([0.5, 0.5])
+    centroid = clip_positions(mixed)
+    assert centroid[:, -1].max() - centroid[:, 0].min() < 0.5  # squeezed by the content
     with pytest.raises(ValueError, match="weights >= 2"):
         clip_positions(emb[:1])
 
@@ -125,6 +134,8 @@ def test_suite_reports_mixing_smoothness(tiny_models, tiny_clip_dir, tmp_path):
     assert clip["weights"] == W and len(clip["curve"]) == len(W) and clip["n_images"] == 3
     assert all(0.0 <= v <= 1.0 for v in clip["curve"])
     assert clip["curve"][0] < clip["curve"][-1]  # nearer the w=0 mean at w=0, the w=1 mean at w=1
+    paired = sm["curves"]["clip_paired"]["curve"]
+    assert paired[0] == pytest.approx(0.0, abs=1e-6) and paired[-1] == pytest.approx(1.0, abs=1e-6)
     assert 0 <= clip["max_jump"] <= 1 and clip["line_l1"] >= 0
     assert str(tiny_clip_dir.resolve()) in clip["backbone"]
     assert "classifier" in sm["skipped"]  # no toy world here
@@ -158,7 +169,7 @@ def test_toy_suite_reports_classifier_and_clip_curves(world, tmp_path):
     assert rc == 0
     sm = json.loads((out / "report.json").read_text())["mixing_smoothness"]
     assert sm["images_per_weight"] == 2 and sm["skipped"] == {}  # --interp-samples 8 capped at --num-samples
-    for name in ("classifier", "clip"):
+    for name in ("classifier", "clip", "clip_paired"):
         c = sm["curves"][name]
         assert len(c["curve"]) == len(W) and all(0.0 <= v <= 1.0 for v in c["curve"])
         assert c["max_jump_between"][1] == pytest.approx(c["max_jump_between"][0] + 0.1)
