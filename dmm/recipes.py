@@ -73,10 +73,31 @@ class ToyDataConfig:
 
 
 @dataclass
+class SynthesizedDataConfig:
+    """The teachers' own images (paper: "teacher models synthesize a small number of images"): slot i of
+    a micro-batch reads teacher i's images. Made by the stage itself when the folder is incomplete, or
+    ahead with `python -m dmm.data.synthesize` (dmm/data/synthesize.py)."""
+
+    path: str = setting("", path=True, help="folder of the images (<path>/<style>/shard-*.tar and manifest.json)")
+    per_teacher: int = setting(1500, help="images each teacher generates (paper: 1.5k)", ge=1)
+    prompts: str = setting("", path=True, help="a text file of prompts, one a line; empty: the first distinct "
+                                               "captions of the recipe's shards or toy world")
+    steps: int = setting(25, help="sampler steps (the base pipeline's scheduler)", ge=1)
+    guidance_scale: float = setting(7.0, help="classifier-free guidance scale", ge=0.0)
+    seed: int = setting(0, help="image k of every teacher uses seed + k (keep it apart from evaluation seeds)")
+    batch_size: int = setting(8, help="images per pipeline call; fixed for a folder (batched kernels round "
+                                      "differently)", ge=1)
+    samples_per_shard: int = setting(1000, help="images per webdataset shard", ge=1)
+
+
+@dataclass
 class DataConfig:
     shards: list[str] = setting(default_factory=list, path=True,
                                 help="webdataset tar shards of (image, caption): paths, brace or glob patterns")
     toyworld: ToyDataConfig | None = setting(None, toy=True, help="render shards from the toy world instead")
+    synthesized: SynthesizedDataConfig | None = setting(
+        None, help="train on images the teachers generate, teacher i's for slot i (the paper's fine-tuning stage); "
+                   "the shards or toy world above then only give the default prompts")
     image_key: str = setting("png", help="image extension inside the shards")
     caption_key: str = setting("txt", help="caption extension inside the shards")
     resolution: int = setting(32, help="training resolution in pixels", ge=8)
@@ -88,6 +109,10 @@ class DataConfig:
     precomputed: str = setting("", path=True, help="a folder of precomputed latents and text conditioning "
                                                    "(python -m dmm.data.precompute): training loads no VAE or text "
                                                    "encoder; its manifest must match this recipe")
+    buckets: Any = setting(None, help="aspect-ratio buckets: a list of [height, width] or a preset (sd15, sdxl: "
+                                      "scaled to `resolution`); each batch is one bucket; null: square images")
+    bucket_crop: Literal["center", "random"] = setting("center", help="where a bucket is cut from the resized "
+                                                                      "image (random: fixed per sample by the seed)")
 
 
 @dataclass
@@ -117,6 +142,9 @@ class OptimConfig:
     grad_clip: float = setting(1.0, help="gradient-norm clip; 0 turns clipping off", ge=0.0)
     warmup_steps: int = setting(0, help="linear learning-rate warm-up steps", ge=0)
     style_lr_multiplier: float = setting(1.0, help="lr factor of the new style codebook and MLP", gt=0.0)
+    ema_decay: float = setting(0.0, help="keep an exponential moving average of the student's weights with this "
+                                         "decay (e.g. 0.999) and export it instead of the raw weights; 0: off",
+                               ge=0.0, lt=1.0)
 
 
 @dataclass
@@ -133,7 +161,8 @@ class TrainConfig:
     resume: str = setting("auto", resumable=True,
                           help="auto: continue a compatible run in output_dir; never: start fresh (an earlier run "
                                "there moves to previous-runs/<time>/); latest; or a checkpoint folder")
-    gradient_checkpointing: bool = setting(False, help="recompute activations in backward (less memory)",
+    gradient_checkpointing: bool = setting(False, help="recompute activations in backward (less memory): the "
+                                                       "student's and the discriminator's UNet blocks",
                                            resumable=True)
 
 
@@ -495,8 +524,21 @@ def validate(recipe: Recipe) -> None:
             _check_component("teacher format", t.format, t.options, f"teachers[{i}].format")
     if not recipe.model.base:
         raise RecipeError("model.base is empty: point it at the common base model's diffusers folder")
-    if not recipe.data.shards and recipe.data.toyworld is None:
-        raise RecipeError("data: give `shards` (webdataset tar files) or a `toyworld` section")
+    if not recipe.data.shards and recipe.data.toyworld is None and recipe.data.synthesized is None:
+        raise RecipeError("data: give `shards` (webdataset tar files), a `toyworld` or a `synthesized` section")
+    if recipe.data.synthesized is not None and not recipe.data.synthesized.path:
+        raise RecipeError("data.synthesized.path is empty: name the folder of the teachers' images (made by the "
+                          "stage when incomplete, or by python -m dmm.data.synthesize)")
+    if recipe.data.synthesized is not None and recipe.data.precomputed:
+        raise RecipeError("data: `synthesized` and `precomputed` do not go together (the synthesized images are "
+                          "read per teacher); drop data.precomputed in the synthesized stage")
+    if recipe.data.buckets is not None:
+        from dmm.data.buckets import recipe_buckets
+
+        try:
+            recipe_buckets(recipe)
+        except ConfigError as err:
+            raise RecipeError(str(err)) from None
     if len(recipe.optim.betas) != 2:
         raise RecipeError(f"optim.betas must be two values in [0, 1), got {recipe.optim.betas}")
     out = Path(recipe.train.output_dir)

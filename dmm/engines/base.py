@@ -9,7 +9,8 @@ and the base model's frozen parts never go through an engine.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -68,6 +69,13 @@ class Engine(ABC):
         """The full fp32 weights of `which` from this engine's checkpoint folder, in one process
         without a process group (export after training). `template` builds a state dict of the
         right keys and shapes, for formats that need one."""
+
+    @contextlib.contextmanager
+    def full_params(self, which: str) -> Iterator[dict[str, torch.Tensor]]:
+        """The current unsharded parameters of a trained model, on EVERY rank, for as long as the
+        context lasts (collective in sharded engines: every rank enters it). Read-only: an EMA of the
+        weights reads them here after each optimizer step."""
+        yield {n: p.detach() for n, p in self.models[which].named_parameters()}
 
     def barrier(self) -> None:
         pass

@@ -10,6 +10,8 @@ DeepSpeed's own sharded format, one tag (sub-folder) per model.
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import os
 from dataclasses import dataclass
@@ -189,6 +191,15 @@ class DeepSpeedEngine(ProcessGroupCollectives, Engine):
                     if self.is_main else {}
             return state
         return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+    @contextlib.contextmanager
+    def full_params(self, which: str):
+        module = self.engines[which].module
+        params = dict(module.named_parameters())
+        gather = self.deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None) \
+            if self.stage == 3 and which == "student" else contextlib.nullcontext()
+        with gather:
+            yield {n: p.detach() for n, p in params.items()}
 
     def local_numel(self, which: str) -> tuple[int, int]:
         """(parameters held by this rank, parameters of the whole model)."""

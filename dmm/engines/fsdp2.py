@@ -10,6 +10,8 @@ the lr schedule's state.
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 import torch
@@ -115,6 +117,12 @@ class FSDP2Engine(ProcessGroupCollectives, TorchOptimizerEngine):
         state = get_model_state_dict(self.models[which],
                                      options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: v.detach().float().clone() for k, v in state.items()} if self.is_main else {}
+
+    @contextlib.contextmanager
+    def full_params(self, which: str):
+        """Each DTensor parameter all-gathered (the same order on every rank)."""
+        yield {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+               for n, p in self.models[which].named_parameters()}
 
     def local_numel(self, which: str) -> tuple[int, int]:
         total = local = 0

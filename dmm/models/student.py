@@ -180,6 +180,24 @@ class StyleUNet2DConditionModel(UNet2DConditionModel):
             raise ValueError(f"base UNet does not match its own config: missing {bad[:3]}, unexpected {unexpected[:3]}")
         return student if unet.dtype == student.dtype else student.to(unet.dtype)
 
+    @classmethod
+    def from_merged(cls, unet_dir: str, config_overrides: dict | None = None) -> StyleUNet2DConditionModel:
+        """A merged student from its folder. Config overrides give it inputs the folder's lacks (SPLAM's
+        `time_cond_proj_dim`): the layers they add start at zero, so the model computes what it did."""
+        unet = cls.from_pretrained(str(unet_dir), local_files_only=True)
+        overrides = {k: v for k, v in (config_overrides or {}).items() if unet.config.get(k) != v}
+        if not overrides:
+            return unet
+        config = {**{k: v for k, v in dict(unet.config).items() if not k.startswith("_")}, **overrides}
+        grown = cls(**config)
+        missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
+        if unexpected:
+            raise ValueError(f"{unet_dir}: the config overrides {sorted(overrides)} drop weights {unexpected[:3]}")
+        with torch.no_grad():
+            for name in missing:
+                grown.get_parameter(name).zero_()
+        return grown
+
     def set_style(self, style: StyleSpec | None) -> None:
         """Hold a style for calls without `class_labels` (stock pipelines). None clears it.
 

@@ -19,7 +19,8 @@ from torch import nn
 from dmm.pipeline import merged_style_names
 from dmm.registry import Registry
 
-OBJECTIVES: Registry[type] = Registry("objective", builtins=("dmm.objectives.dmm", "dmm.objectives.incremental"))
+OBJECTIVES: Registry[type] = Registry("objective", builtins=("dmm.objectives.dmm", "dmm.objectives.incremental",
+                                                               "dmm.objectives.splam"))
 
 
 class Objective:
@@ -44,6 +45,16 @@ class Objective:
         return list(teachers)
 
     @classmethod
+    def student_config(cls, options: Any) -> dict:
+        """UNet config entries the student needs beyond the base's (e.g. SPLAM's time_cond_proj_dim)."""
+        return {}
+
+    @classmethod
+    def export_sampling(cls, options: Any) -> dict | None:
+        """How the exported model samples, when not the base's way (e.g. SPLAM: LCM scheduler, 4 steps)."""
+        return None
+
+    @classmethod
     def check(cls, recipe: Any, options: Any) -> None:
         """Refuse a recipe this objective cannot run, before any model loads."""
         if recipe.model.init_from:
@@ -61,6 +72,11 @@ class Objective:
                    groups: dict[int, list[int]]) -> dict[str, torch.Tensor]:
         """Forward and backward (through `trainer.engine.backward`) of one micro-batch; the losses."""
         raise NotImplementedError(f"objective {type(self).__name__} does not define micro_step")
+
+    def emas(self) -> dict[str, Any]:
+        """Weight averages of the student the objective keeps (name -> `dmm.models.ema.WeightEMA`), the same
+        on every rank; the trainer updates them after each student step and saves them in checkpoints."""
+        return {}
 
     def state_dict(self) -> dict:
         """Objective state that must survive a resume (e.g. an EMA target); saved per rank."""
@@ -88,6 +104,11 @@ def student_style_names(recipe: Any) -> list[str]:
     return cls.student_styles(recipe.style_names, recipe.model.init_from, options)
 
 
+def student_config(recipe: Any) -> dict:
+    cls, options = objective_class(recipe)
+    return cls.student_config(options)
+
+
 def check_init_from(folder: str, base: str, style_names: list[str] | None) -> list[str]:
     """`model.init_from` is a merged model of this base (with these styles, when given); its style names."""
     where = f"model.init_from ({folder})"
@@ -113,4 +134,5 @@ def check_init_from(folder: str, base: str, style_names: list[str] | None) -> li
     return names
 
 
-__all__ = ["OBJECTIVES", "Objective", "check_init_from", "make_objective", "objective_class", "student_style_names"]
+__all__ = ["OBJECTIVES", "Objective", "check_init_from", "make_objective", "objective_class", "student_config",
+           "student_style_names"]

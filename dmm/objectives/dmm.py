@@ -60,14 +60,24 @@ class DMMObjective(Objective):
     def inputs(self, batch: dict) -> StepInputs:
         """Latents of the batch's images; captions dropped ONCE per sample, shared by student and teachers."""
         tr = self.trainer
-        if "latents" in batch:  # precomputed inputs (data.precomputed): the same draws, stored tensors
-            captions = drop_captions(batch["captions"], tr.recipe.data.caption_dropout, tr.generator)
+        latents = self.latents(batch)
+        captions = drop_captions(batch["captions"], tr.recipe.data.caption_dropout, tr.generator)
+        return self.conditioned(batch, latents, captions)
+
+    def latents(self, batch: dict) -> torch.Tensor:
+        tr = self.trainer
+        if "latents" in batch:  # precomputed inputs (data.precomputed): stored tensors
+            return batch["latents"].to(tr.device)
+        return tr.base.encode_images(batch["pixels"].to(tr.device))
+
+    def conditioned(self, batch: dict, latents: torch.Tensor, captions: list[str]) -> StepInputs:
+        """The batch's inputs with these captions (e.g. all "" for the unconditional branch): the
+        student's conditioning, and own-encoder teachers' when they come precomputed."""
+        tr = self.trainer
+        if "latents" in batch:
             own = {i: tr.stream.conditioning(batch, teacher_prefix(i), captions, tr.device)
                    for i in tr.precomputed_teachers}
-            return StepInputs(batch["latents"].to(tr.device), captions,
-                              tr.stream.conditioning(batch, BASE, captions, tr.device), own)
-        latents = tr.base.encode_images(batch["pixels"].to(tr.device))
-        captions = drop_captions(batch["captions"], tr.recipe.data.caption_dropout, tr.generator)
+            return StepInputs(latents, captions, tr.stream.conditioning(batch, BASE, captions, tr.device), own)
         ids = batch["size_ids"].to(tr.device, torch.float32) if "size_ids" in batch else None
         return StepInputs(latents, captions, with_size_ids(tr.base.encode_captions(captions), ids))
 

@@ -20,6 +20,7 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -130,8 +131,10 @@ class CheckpointManager:
             if restore_replaced(final):
                 log.warning("restored %s, which a crash had left moved aside", final.name)
 
-    def save(self, engine: Engine, step: int, state: dict, rank_state: dict) -> Path:
-        """Collective: every rank calls it. `state` is the trainer's (rank 0's), `rank_state` each rank's own."""
+    def save(self, engine: Engine, step: int, state: dict, rank_state: dict,
+             main_files: Callable[[Path], None] | None = None) -> Path:
+        """Collective: every rank calls it. `state` is the trainer's (rank 0's), `rank_state` each rank's own;
+        `main_files(folder)` writes the main rank's extra files (weight averages) into the checkpoint."""
         name = f"step-{step:08d}"
         tmp = self.root / f".tmp-{name}"
         if engine.is_main:
@@ -141,6 +144,8 @@ class CheckpointManager:
         engine.barrier()
         engine.save(tmp)
         atomic_torch_save({**rank_state, "rng": rng_state()}, tmp / f"rank{engine.rank:05d}.pt")
+        if engine.is_main and main_files is not None:
+            main_files(tmp)
         engine.barrier()
         final = self.root / name
         if engine.is_main:

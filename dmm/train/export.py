@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, LCMScheduler
 
 from dmm.io import atomic_write_json
 from dmm.models.student import StyleUNet2DConditionModel
@@ -14,7 +14,8 @@ from dmm.objectives import OBJECTIVES
 from dmm.pipeline import MERGE_INFO, UNET_MODULE, save_pipeline_folder, write_style_unet_module
 
 
-def build_student(base: str | Path, style_names: list[str], state: dict[str, torch.Tensor]):
+def build_student(base: str | Path, style_names: list[str], state: dict[str, torch.Tensor],
+                  config_overrides: dict | None = None):
     from diffusers import UNet2DConditionModel
 
     unet_dir = Path(base) / "unet"
@@ -23,7 +24,7 @@ def build_student(base: str | Path, style_names: list[str], state: dict[str, tor
         raise FileNotFoundError(f"base model folder {base} has no unet/config.json: the merged model is built on "
                                 "the base's config; point base= (or the recipe's model.base) at its diffusers folder")
     config = UNet2DConditionModel.load_config(str(unet_dir), local_files_only=True)
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    config = {**{k: v for k, v in config.items() if not k.startswith("_")}, **(config_overrides or {})}
     student = StyleUNet2DConditionModel(**config, style_names=list(style_names))
     if state is not None:
         student.load_state_dict(state, strict=True)
@@ -31,11 +32,18 @@ def build_student(base: str | Path, style_names: list[str], state: dict[str, tor
 
 
 def export_merged(student: StyleUNet2DConditionModel, base: str | Path, out: str | Path,
-                  info: dict | None = None) -> Path:
+                  info: dict | None = None, sampling: dict | None = None) -> Path:
     """Written to a temporary folder and moved into place: an older export survives a crash.
     The UNet class ships inside the folder (diffusers' custom component), so the folder also loads
-    with `DiffusionPipeline.from_pretrained(out, trust_remote_code=True)` without dmm."""
+    with `DiffusionPipeline.from_pretrained(out, trust_remote_code=True)` without dmm.
+    `sampling` (a few-step objective's): the folder's scheduler becomes that one (LCM), and the
+    settings it samples with are recorded in the merge info."""
     pipe = DiffusionPipeline.from_pretrained(str(base), unet=student, local_files_only=True)
+    if sampling is not None:
+        if sampling.get("scheduler") != "lcm":
+            raise ValueError(f"unknown export scheduler {sampling.get('scheduler')!r} (known: lcm)")
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        info = {**(info or {}), "sampling": sampling}
 
     def finish(tmp: Path) -> None:
         write_style_unet_module(tmp / "unet")
@@ -49,10 +57,15 @@ def export_merged(student: StyleUNet2DConditionModel, base: str | Path, out: str
 
 def recipe_student_styles(recipe: dict) -> list[str]:
     """The student's style names from a saved recipe (teachers' names, and any the objective adds)."""
+    cls, options = recipe_objective(recipe)
+    return cls.student_styles([t["name"] for t in recipe["teachers"]], recipe["model"].get("init_from", ""), options)
+
+
+def recipe_objective(recipe: dict):
+    """The saved recipe's objective class and parsed options."""
     objective = recipe.get("objective") or {"name": "dmm", "options": {}}
     entry = OBJECTIVES.get(objective["name"])
-    return entry.obj.student_styles([t["name"] for t in recipe["teachers"]], recipe["model"].get("init_from", ""),
-                                    entry.parse_options(objective.get("options"), "objective.options"))
+    return entry.obj, entry.parse_options(objective.get("options"), "objective.options")
 
 
 def checkpoint_student_state(checkpoint: Path, recipe: dict) -> dict[str, torch.Tensor]:
@@ -62,12 +75,21 @@ def checkpoint_student_state(checkpoint: Path, recipe: dict) -> dict[str, torch.
 
     names = recipe_student_styles(recipe)
     return engine_holding(checkpoint, "student").consolidate(
-        checkpoint, "student", lambda: build_student(recipe["model"]["base"], names, None).state_dict())
+        checkpoint, "student",
+        lambda: build_student(recipe["model"]["base"], names, None, recipe_objective(recipe)[0].student_config(
+            recipe_objective(recipe)[1])).state_dict())
 
 
-def export_from_checkpoint(checkpoint: str | Path, out: str | Path, base: str | Path | None = None) -> Path:
+def export_from_checkpoint(checkpoint: str | Path, out: str | Path, base: str | Path | None = None,
+                           weights: str = "auto") -> Path:
     """Export from a checkpoint folder of any engine (sharded ones are consolidated here).
-    `base`: the base model's folder, when it moved since training (default: the recipe's)."""
+    `base`: the base model's folder, when it moved since training (default: the recipe's).
+    `weights`: "ema" (the `optim.ema_decay` average), "raw" (the trained weights) or "auto" (the
+    average when the checkpoint keeps one, as the end of training does)."""
+    from dmm.models.ema import ema_state
+
+    if weights not in ("auto", "ema", "raw"):
+        raise ValueError(f"weights must be auto, ema or raw, got {weights!r}")
     checkpoint = Path(checkpoint)
     if not (checkpoint / "trainer_state.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no trainer_state.json)")
@@ -76,5 +98,14 @@ def export_from_checkpoint(checkpoint: str | Path, out: str | Path, base: str | 
     if base is not None:
         recipe["model"]["base"] = str(base)
     names = recipe_student_styles(recipe)
-    student = build_student(recipe["model"]["base"], names, checkpoint_student_state(checkpoint, recipe))
-    return export_merged(student, recipe["model"]["base"], out, {"step": state["step"], "recipe": recipe["name"]})
+    average = ema_state(checkpoint) if weights != "raw" else None
+    if weights == "ema" and average is None:
+        raise FileNotFoundError(f"{checkpoint} keeps no weight average (trained without optim.ema_decay): "
+                                "export with weights='raw'")
+    trained = checkpoint_student_state(checkpoint, recipe)
+    cls, options = recipe_objective(recipe)
+    student = build_student(recipe["model"]["base"], names, {**trained, **(average or {})},
+                            cls.student_config(options))
+    return export_merged(student, recipe["model"]["base"], out,
+                         {"step": state["step"], "recipe": recipe["name"],
+                          "weights": "ema" if average is not None else "raw"}, cls.export_sampling(options))

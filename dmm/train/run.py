@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from dmm.objectives import student_style_names
+from dmm.objectives import objective_class, student_style_names
 from dmm.recipes import Recipe, parse_recipe
 from dmm.train.export import build_student, export_merged
 from dmm.train.signals import StopSignals
@@ -46,13 +46,16 @@ def run_one(recipe: Recipe, engine, stop_flag) -> Path | None:
             trainer.fit()
     else:
         trainer.fit()
-    state = trainer.student_state_dict()
+    state = trainer.export_state_dict()
     merged = None
     if trainer.engine.is_main:
-        student = build_student(recipe.model.base, student_style_names(recipe), state)
+        cls, options = objective_class(recipe)
+        student = build_student(recipe.model.base, student_style_names(recipe), state, cls.student_config(options))
         merged = export_merged(student, recipe.model.base, Path(recipe.train.output_dir) / "merged",
                                {"step": trainer.step, "recipe": recipe.name,
-                                "teachers": {t.name: t.path for t in recipe.teachers}})
+                                "teachers": {t.name: t.path for t in recipe.teachers},
+                                "weights": "ema" if "student" in trainer.emas else "raw"},
+                               cls.export_sampling(options))
         log.info("merged model written to %s", merged)
     trainer.engine.barrier()
     return merged

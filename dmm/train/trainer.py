@@ -21,6 +21,7 @@ from dmm.conditioning import FrozenPipeline
 from dmm.data import DataError, ShardStream
 from dmm.data.latents import LatentStream, check_manifest
 from dmm.data.sources import source_name, writes_files
+from dmm.data.synthesize import synthesized_stream
 from dmm.distributed import agree
 from dmm.distributed.slurm import any_rank, max_over_ranks
 from dmm.engines import Engine, make_engine
@@ -32,6 +33,7 @@ from dmm.recipes import Recipe
 from dmm.registry import get_registry
 from dmm.teachers import check_teacher_paths, load_teacher
 from dmm.train.checkpoint import CheckpointManager, RunLock, choose_resume, set_rng_state
+from dmm.models.ema import WeightEMA
 from dmm.train.layout import TeacherLayout
 from dmm.train.tblog import TrainingBoard, log_sample_grids
 
@@ -77,6 +79,7 @@ class DistillationTrainer:
         models = self._build_trained_models(student)
         optimizers = {k: self._optimizer(k, m) for k, m in models.items()}
         self.models = self.engine.prepare(models, optimizers, self._schedulers(optimizers))
+        self.emas = self._build_emas()
         self.stream = self._build_data()
         self.generator = torch.Generator().manual_seed(recipe.train.seed * 1000 + self.engine.rank)
         self.noise_generator = self._build_noise_generator()
@@ -143,8 +146,8 @@ class DistillationTrainer:
     def _build_student(self) -> StyleUNet2DConditionModel:
         """The base UNet with a new style codebook, or the merged model of `model.init_from`."""
         if self.recipe.model.init_from:
-            student = StyleUNet2DConditionModel.from_pretrained(str(Path(self.recipe.model.init_from) / "unet"),
-                                                                local_files_only=True)
+            student = StyleUNet2DConditionModel.from_merged(
+                Path(self.recipe.model.init_from) / "unet", self.objective_class.student_config(self.objective_options))
             student.add_styles(self.student_styles[len(student.style_names):])  # incremental: new rows
         else:
             student = StyleUNet2DConditionModel.from_unet(self.base.unet, self.student_styles)
@@ -164,7 +167,29 @@ class DistillationTrainer:
             # parameter trainable before an engine registers its gradient hooks (ZeRO skips the rest).
             model.requires_grad_(True)
             model.to(self.device)
+            if self.recipe.train.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
+                model.enable_gradient_checkpointing()  # the discriminator's too (the student's is on already)
         return models
+
+    def _build_emas(self) -> dict[str, WeightEMA]:
+        """Weight averages of the student: `optim.ema_decay`'s (main rank, for export) and the
+        objective's own (every rank, e.g. a target network), each starting at the student's weights."""
+        emas = dict(self.objective.emas())
+        if self.recipe.optim.ema_decay > 0 and self.engine.is_main:
+            emas["student"] = WeightEMA("student", self.recipe.optim.ema_decay)
+        # The same on every rank: whether this step reads the full parameters (a collective when sharded).
+        self.keeps_ema = self.recipe.optim.ema_decay > 0 or bool(emas)
+        if self.keeps_ema:
+            with self.engine.full_params("student") as params:
+                for ema in emas.values():
+                    ema.start(params)
+        return emas
+
+    def _update_emas(self) -> None:
+        if self.keeps_ema:
+            with self.engine.full_params("student") as params:
+                for ema in self.emas.values():
+                    ema.update(params)
 
     def _optimizer(self, which: str, model: torch.nn.Module) -> torch.optim.Optimizer:
         o = self.recipe.optim
@@ -211,6 +236,8 @@ class DistillationTrainer:
             return LatentStream(urls, batch_size=r.data.batch_size, resolution=r.data.resolution, seed=r.train.seed,
                                 rank=self.engine.rank, world_size=self.engine.world_size,
                                 shuffle_buffer=r.data.shuffle_buffer, num_workers=r.data.num_workers)
+        if source_name(r.data) == "synthesized":  # slot i reads teacher i's own images, made first if missing
+            return synthesized_stream(r, self.engine, self.base.pipe, self.teachers, self.layout, self.micro_groups)
         cache_root = self.out.parent / ".shards"
         wait = writes_files(source_name(r.data)) and self.engine.world_size > 1
         if wait and not self.engine.is_main:
@@ -243,6 +270,7 @@ class DistillationTrainer:
                 v = float(v.detach()) if self.sync_every_step else v.detach()
                 totals[k] = totals.get(k, 0.0) + v / len(batches)
         stats = {"grad_norm": self.engine.step("student", r.optim.grad_clip)}
+        self._update_emas()
         if "disc" in self.models:
             stats["disc_grad_norm"] = self.engine.step("disc", r.optim.grad_clip)
         metrics = {**totals, **stats}
@@ -280,9 +308,15 @@ class DistillationTrainer:
         folder = self.checkpoints.save(self.engine, self.step, self._trainer_state(),
                                        {"data": self.stream.state_dict(), "generator": self.generator.get_state(),
                                         "noise_generator": self.noise_generator.get_state(),
-                                        "objective": self.objective.state_dict()})
+                                        "objective": self.objective.state_dict()},
+                                       main_files=self._save_emas)
         self.saved = (self.step, folder)
         return folder
+
+    def _save_emas(self, folder: Path) -> None:
+        """Main rank: every average (an objective's is the same on every rank)."""
+        for ema in self.emas.values():
+            ema.save(folder)
 
     def maybe_resume(self) -> Path | None:
         """Decide from `train.resume` and the run folder (`checkpoint.choose_resume`, on the main rank,
@@ -301,6 +335,8 @@ class DistillationTrainer:
         if folder is not None:
             state, rank_state = self.checkpoints.load_state(folder, self.engine.rank)
             self.engine.load(folder)
+            for ema in self.emas.values():
+                ema.load(folder)
             self.stream.load_state_dict(rank_state["data"])
             self.generator.set_state(rank_state["generator"])
             if "noise_generator" in rank_state and self.noise_generator is not self.generator:
@@ -405,6 +441,14 @@ class DistillationTrainer:
 
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         return self.engine.full_state_dict("student")
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """What the merged model gets (collective): the weight average when `optim.ema_decay` keeps
+        one, else the trained weights; complete on the main rank."""
+        state = self.student_state_dict()
+        if "student" in self.emas:
+            state.update(self.emas["student"].state_dict())
+        return state
 
 
 def resolve_host_sync(choice: str, device: torch.device) -> bool:
