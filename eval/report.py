@@ -114,7 +114,7 @@ def plot_mixing_curves(strip, smoothness: dict, path, title: str = ""):
         share = c.get("max_jump_share")
         label = (f"{name}: largest step {c['max_jump']:.2f} at {c['max_jump_between'][0]}->"
                  f"{c['max_jump_between'][1]}" + (f" ({share:.2f} of its span)" if share is not None else "")
-                 + f", |p - line| {c['line_l1']:.3f}")
+                 + f", |p - line| {c['line_l1']:.3f}, per image {c['per_image_max_jump']:.2f}")
         bottom.plot(c["weights"], c["curve"], marker=marker, label=label)
     if smoothness["curves"]:
         w = next(iter(smoothness["curves"].values()))["weights"]
