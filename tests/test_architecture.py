@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Low to high. A module may import its own layer or lower ones, never a higher one.
 LAYERS = [
-    ("dmm.schema", "dmm.registry", "dmm.io", "dmm.diffusion", "dmm.recipes"),
+    ("dmm.schema", "dmm.registry", "dmm.io", "dmm.diffusion", "dmm.data.buckets", "dmm.recipes"),
     ("dmm.models", "dmm.distributed", "dmm.data", "dmm.conditioning", "dmm.sampling"),
-    ("dmm.teachers", "dmm.pipeline", "dmm.regions", "dmm.merge", "dmm.data.precompute", "dmm.export"),
+    ("dmm.teachers", "dmm.pipeline", "dmm.regions", "dmm.merge", "dmm.data.precompute", "dmm.data.synthesize",
+     "dmm.export"),
     ("dmm.losses",),
     ("dmm.objectives",),
     ("dmm.engines",),

@@ -13,6 +13,10 @@ batches and resume positions of training from the images.
 folder whose manifest differs and names the field. It also records the memory layout the VAE
 gives its latents (`latents_layout`; channels-last on CPU): the UNet's CPU convolutions take
 another path for another layout, so batches are handed out in the VAE's own layout.
+
+With `data.buckets` the manifest records the buckets (and the crop; the seed for random crops),
+each sample's `<key>.json` its bucket, and `LatentStream` groups samples into batches by that
+bucket exactly as `ShardStream` groups the images.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import load_file
 
 from dmm.conditioning import Conditioning
+from dmm.data.buckets import recipe_buckets
 from dmm.data.sources import source_name
 from dmm.data.webdata import DataError, ShardStream
 
@@ -77,7 +82,19 @@ def recipe_fields(recipe, own_teachers) -> dict:
         "resolution": data.resolution,
         "data": {"source": source, "inputs": inputs, "image_key": data.image_key, "caption_key": data.caption_key},
         "own_text_encoders": {str(i): teacher_fields(recipe, i) for i in sorted(own_teachers)},
+        **bucket_fields(recipe),
     }
+
+
+def bucket_fields(recipe) -> dict:
+    """Manifest fields of bucketed inputs (null without buckets, as a folder made before buckets reads)."""
+    buckets = recipe_buckets(recipe)
+    if not buckets:
+        return {"buckets": None}
+    crop = {"crop": recipe.data.bucket_crop}
+    if recipe.data.bucket_crop == "random":
+        crop["seed"] = recipe.train.seed  # the crops depend on it
+    return {"buckets": {"sizes": [list(b) for b in buckets], **crop}}
 
 
 def first_difference(ours, theirs, key: str = "") -> tuple[str, object, object] | None:
@@ -153,7 +170,18 @@ class LatentStream(ShardStream):
         super().__init__(urls, **kwargs)
         folder = Path(self.urls[0]).parent
         self.empty = load_file(str(folder / EMPTY))
-        self.channels_last = read_manifest(folder).get("latents_layout") == CHANNELS_LAST
+        manifest = read_manifest(folder)
+        self.channels_last = manifest.get("latents_layout") == CHANNELS_LAST
+        if manifest.get("buckets"):
+            self.buckets = [tuple(b) for b in manifest["buckets"]["sizes"]]
+
+    def _bucket_of(self, sample: dict):
+        try:
+            return tuple(json.loads(sample[META])["bucket"])
+        except (KeyError, ValueError, TypeError) as err:
+            raise DataError(f"data: precomputed shard {sample.get('__url__')}, sample {sample.get('__key__')}: "
+                            f"no bucket in its {META} ({type(err).__name__}: {err}); re-run the precompute "
+                            "command with this recipe into a new folder") from None
 
     def _decode(self, sample: dict):
         where = f"data: precomputed shard {sample.get('__url__')}, sample {sample.get('__key__')}"

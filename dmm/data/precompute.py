@@ -17,6 +17,8 @@ with the sample counts once every shard exists.
 On CPU a convolution over a batch of ONE image takes another path than over two or more (the
 last bits differ), while any batch of two or more gives each image the same latents whatever
 its partners: images are encoded in chunks of `--batch-size`, a lone last image with a copy of itself.
+With `data.buckets` a chunk is encoded one bucket shape at a time (a lone image of a shape with a
+copy of itself), and each sample's json records its bucket.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from safetensors.torch import save as tensors_bytes
 from tqdm.auto import tqdm
 
 from dmm.conditioning import CaptionEncoder, Conditioning, FrozenPipeline
+from dmm.data.buckets import check_multiple, recipe_buckets
 from dmm.data.latents import (
     BASE,
     EMPTY,
@@ -115,18 +118,27 @@ def write_shard(url: str, target: Path, recipe: Recipe, base: FrozenPipeline, en
                 chunk: int, bar) -> int:
     """Encode one input shard into `target` (atomically); returns its sample count."""
     d = recipe.data
+    buckets = recipe_buckets(recipe)
     reader = ShardStream([url], batch_size=1, resolution=d.resolution, image_key=d.image_key,
-                         caption_key=d.caption_key, shuffle_buffer=0)
+                         caption_key=d.caption_key, shuffle_buffer=0, seed=recipe.train.seed, buckets=buckets,
+                         bucket_crop=d.bucket_crop)
     count = 0
     with atomic_file(target) as tmp, tarfile.open(tmp, "w") as tar:
         pending: list = []
 
         def flush():
-            encoded = encode_chunk(base, encoders, [p[1] for p in pending], [p[2] for p in pending])
-            for (key, _, caption, ids), tensors in zip(pending, encoded):
+            shapes: dict[tuple, list[int]] = {}  # one VAE call per bucket shape
+            for j, p in enumerate(pending):
+                shapes.setdefault(tuple(p[1].shape), []).append(j)
+            encoded: list = [None] * len(pending)
+            for rows in shapes.values():
+                out = encode_chunk(base, encoders, [pending[j][1] for j in rows], [pending[j][2] for j in rows])
+                for j, tensors in zip(rows, out):
+                    encoded[j] = tensors
+            for (key, pixels, caption, ids), tensors in zip(pending, encoded):
                 tensors["size_ids"] = torch.tensor(ids, dtype=torch.long)
                 stored = {k: v.contiguous().clone() for k, v in tensors.items()}
-                meta = json_bytes({"caption": caption})
+                meta = json_bytes({"caption": caption, **({"bucket": list(pixels.shape[-2:])} if buckets else {})})
                 for ext, data in ((TENSORS, tensors_bytes(stored)), (META, meta)):
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
@@ -143,6 +155,12 @@ def write_shard(url: str, target: Path, recipe: Recipe, base: FrozenPipeline, en
         if pending:
             flush()
     return count
+
+
+def downsampling(base: FrozenPipeline) -> int:
+    """Pixels per UNet bottleneck cell: the VAE's factor times the UNet's down blocks that halve."""
+    vae = 2 ** (len(base.pipe.vae.config.block_out_channels) - 1)
+    return vae * 2 ** (len(base.unet.config.down_block_types) - 1)
 
 
 def json_bytes(obj) -> bytes:
@@ -164,6 +182,8 @@ def precompute(recipe: Recipe, out: str | Path, *, chunk: int = 16, rank: int = 
     if recipe.model.arch != "auto" and recipe.model.arch != base.arch.name:
         raise ConfigError(f"model.arch is {recipe.model.arch!r} but the base at {recipe.model.base} is "
                           f"{base.arch.name}")
+    if recipe_buckets(recipe):
+        check_multiple(recipe_buckets(recipe), downsampling(base), f"the base at {recipe.model.base}")
     encoders = agree(caption_encoders, recipe, base, what="loading teachers", collective=collective)
     own = [int(p.removeprefix("teacher")) for p in encoders if p != BASE]
     fields = recipe_fields(recipe, own)

@@ -10,6 +10,12 @@ With `num_workers` > 0 a DataLoader's workers share a rank's stream: worker w de
 w, w + K, ... of the same deterministic sequence and the loader hands them back in order, so the
 batches (and the saved position) are exactly those of `num_workers=0`.
 
+With `buckets` (see `dmm.data.buckets`) each sample goes to the bucket nearest its aspect ratio
+and a batch is handed out when one bucket holds `batch_size` samples, so every batch has one
+shape; what is left in the buckets at an epoch's end is dropped (the next epoch reshuffles). The
+grouping is a function of the epoch's sample order, so the saved position is the same (epoch,
+samples consumed): resuming replays the epoch's bucket choices from image headers, no decoding.
+
 A shard or sample that cannot be read stops training with a `DataError` naming the shard and
 the sample key (a missing image or caption, an undecodable image, a garbage or truncated tar),
 also from DataLoader workers, instead of a bare KeyError or tarfile error.
@@ -29,6 +35,8 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+
+from dmm.data.buckets import Bucket, cover_crop, nearest_bucket
 
 
 class DataError(ValueError):
@@ -99,10 +107,25 @@ def prepare_image(image: Image.Image, resolution: int) -> tuple[torch.Tensor, tu
     return torch.from_numpy(array).permute(2, 0, 1), ids
 
 
+def prepare_in_bucket(image: Image.Image, bucket: Bucket, crop: str = "center", seed: int = 0,
+                      key: str = "") -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(pixels, SDXL size ids) of an image resized to cover `bucket` and cut to it, in one
+    resampling (the crop's box in the original image)."""
+    image = image.convert("RGB")
+    w, h = image.size
+    (rh, rw), (top, left) = cover_crop(h, w, bucket, crop, seed, key)
+    bh, bw = bucket
+    if (h, w) != (bh, bw):
+        box = (left * w / rw, top * h / rh, (left + bw) * w / rw, (top + bh) * h / rh)
+        image = image.resize((bw, bh), Image.BICUBIC, box=box)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1), (h, w, top, left, bh, bw)
+
+
 class ShardStream:
     def __init__(self, urls: list[str], *, batch_size: int, resolution: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, image_key: str = "png", caption_key: str = "txt", shuffle_buffer: int = 256,
-                 num_workers: int = 0):
+                 num_workers: int = 0, buckets: list[Bucket] | None = None, bucket_crop: str = "center"):
         self.urls = list(urls)
         self.batch_size = batch_size
         self.resolution = resolution
@@ -111,6 +134,8 @@ class ShardStream:
         self.image_key, self.caption_key = image_key, caption_key
         self.shuffle_buffer = shuffle_buffer
         self.num_workers = num_workers
+        self.buckets = [tuple(b) for b in buckets] if buckets else None
+        self.bucket_crop = bucket_crop
         self.epoch = 0
         self.consumed = 0  # samples of this epoch already handed out on this rank
 
@@ -146,18 +171,33 @@ class ShardStream:
                 raise DataError(f"data: shard {url}: not a readable tar file ({reason}); re-write it or remove "
                                 "it from data.shards") from None
 
-    def _decode(self, sample: dict) -> tuple[torch.Tensor, str, tuple[int, ...]]:
+    def _image(self, sample: dict, prepare):
+        """`prepare(PIL image)` of the sample's image (opening reads the header only), or a DataError."""
         where = f"data: shard {sample.get('__url__')}, sample {sample.get('__key__')}"
-        keys = ", ".join(sorted(k for k in sample if not k.startswith("__")))
         if self.image_key not in sample:
+            keys = ", ".join(sorted(k for k in sample if not k.startswith("__")))
             raise DataError(f"{where}: no {self.image_key!r} image (keys: {keys}); set data.image_key")
-        if self.caption_key not in sample:
-            raise DataError(f"{where}: no {self.caption_key!r} caption (keys: {keys}); set data.caption_key")
         try:
-            image, ids = prepare_image(Image.open(io.BytesIO(sample[self.image_key])), self.resolution)
+            return prepare(Image.open(io.BytesIO(sample[self.image_key])))
         except (OSError, ValueError, SyntaxError) as err:  # PIL: UnidentifiedImageError, truncated data
             raise DataError(f"{where}: {self.image_key!r} is not a readable image ({' '.join(str(err).split())}); "
                             "re-write this sample or drop the shard") from None
+
+    def _bucket_of(self, sample: dict) -> Bucket:
+        return self._image(sample, lambda im: nearest_bucket(im.size[1], im.size[0], self.buckets))
+
+    def _prepare(self, image: Image.Image, key: str) -> tuple[torch.Tensor, tuple[int, ...]]:
+        if self.buckets is None:
+            return prepare_image(image, self.resolution)
+        bucket = nearest_bucket(image.size[1], image.size[0], self.buckets)
+        return prepare_in_bucket(image, bucket, self.bucket_crop, self.seed, key)
+
+    def _decode(self, sample: dict) -> tuple[torch.Tensor, str, tuple[int, ...]]:
+        where = f"data: shard {sample.get('__url__')}, sample {sample.get('__key__')}"
+        image, ids = self._image(sample, lambda im: self._prepare(im, str(sample.get("__key__"))))
+        if self.caption_key not in sample:
+            keys = ", ".join(sorted(k for k in sample if not k.startswith("__")))
+            raise DataError(f"{where}: no {self.caption_key!r} caption (keys: {keys}); set data.caption_key")
         caption = sample[self.caption_key]
         try:
             caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
@@ -187,6 +227,9 @@ class ShardStream:
     def _positioned_batches(self, keep=None) -> Iterator[tuple[dict | None, int, int]]:
         """(batch, epoch, consumed) from the current position on; batches whose running index
         `keep` rejects are not decoded (None), but the position still advances past them."""
+        if self.buckets:
+            yield from self._bucketed_batches(keep)
+            return
         epoch, consumed = self.epoch, self.consumed
         index = 0
         pending: list = []
@@ -207,6 +250,40 @@ class ShardStream:
                     pending = []
             if seen == 0:
                 raise DataError(f"data: rank {self.rank} received no samples from shards {self.urls[:3]}...")
+            epoch += 1
+            consumed = 0
+
+    def _bucketed_batches(self, keep=None) -> Iterator[tuple[dict | None, int, int]]:
+        """As `_positioned_batches`, a batch being the first `batch_size` samples of one bucket;
+        `consumed` is the stream position at the sample that filled it. Resuming replays the
+        epoch up to the saved position (bucket choices only), which refills the partial buckets."""
+        epoch, consumed = self.epoch, self.consumed
+        index = 0
+        while True:
+            pending: dict[Bucket, list] = {}
+            seen = made = 0
+            for sample in self._epoch_samples(epoch):
+                seen += 1
+                bucket = self._bucket_of(sample)
+                group = pending.setdefault(bucket, [])
+                group.append(sample)
+                if len(group) < self.batch_size:
+                    continue
+                del pending[bucket]
+                made += 1
+                if seen <= consumed:
+                    continue  # resuming: handed out before the checkpoint
+                batch = None
+                if keep is None or keep(index):
+                    batch = self._collate([self._decode(x) for x in group])
+                yield batch, epoch, seen
+                index += 1
+            if seen == 0:
+                raise DataError(f"data: rank {self.rank} received no samples from shards {self.urls[:3]}...")
+            if made == 0:
+                raise DataError(f"data: rank {self.rank} has {seen} samples per epoch but no bucket of "
+                                f"{self.buckets} gets {self.batch_size} of them; use fewer buckets, a smaller "
+                                "data.batch_size or more data")
             epoch += 1
             consumed = 0
 
