@@ -25,7 +25,7 @@ Figures of a curve, and why these:
   (0.41 for a step after the first of 10 intervals, 0.23 for a step in the middle.)
 * ``per_image_max_jump``: the mean over images of each image's own largest step (in the same
   units). A mean curve can be smooth while every image flips abruptly at a different weight; this
-  catches it. The classifier saturates (near 0 or 1 per image), so read it from the CLIP curve.
+  catches it. The classifier saturates (near 0 or 1 per image): read it from ``clip_paired``.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import torch
 
 from eval.scores import _embed_in_batches
 
-__all__ = ["classifier_style_names", "clip_positions", "curve_figures", "largest_step", "line_deviation", "mixing_smoothness",
-           "style_probabilities"]
+__all__ = ["classifier_style_names", "clip_positions", "curve_figures", "largest_step", "line_deviation",
+           "mixing_smoothness", "style_probabilities"]
 
 _EPS = 1e-12
 
