@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dmm.data.slots import read_synthesized
 from dmm.data.webdata import expand_urls
 from dmm.registry import Registry
 
@@ -22,8 +23,19 @@ def recipe_shards(data, cache_root: Path) -> list[str]:
     return expand_urls(data.shards)
 
 
+@DATA_SOURCES.register("synthesized", description="images the teachers generated (data.synthesized.path, "
+                                                    "python -m dmm.data.synthesize): teacher i's for slot i")
+def synthesized_shards(data, cache_root: Path) -> list[str]:
+    """Every style's shards of a complete folder (the trainer reads them per slot: dmm.data.slots)."""
+    manifest = read_synthesized(data.synthesized.path)
+    return [str(Path(data.synthesized.path) / s) for style in manifest["styles"].values() for s in style["shards"]]
+
+
 def source_name(data) -> str:
-    """The recipe's data section names its source by the sub-section it fills."""
+    """The recipe's data section names its source by the sub-section it fills (`synthesized` first:
+    a synthesized stage keeps the shards or toy world that gave its prompts)."""
+    if getattr(data, "synthesized", None) is not None:
+        return "synthesized"
     return "toyworld" if getattr(data, "toyworld", None) is not None else "shards"
 
 
