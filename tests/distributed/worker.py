@@ -3,6 +3,8 @@
   worker.py props RECIPE OUT_DIR            layout, teacher-missing error, sharding, gradient check
   worker.py train RECIPE OUT_DIR [--kill-in-save K]   train (resume: latest), log every step's losses;
                                             --kill-in-save K: SIGKILL itself while writing step K's checkpoint
+  worker.py incremental RECIPE OUT_DIR      each rank's supervisors, train.max_steps steps, and rank 0's
+                                            single-process replay of them (every slot in one process)
 Results go to OUT_DIR/<mode>.rank<r>.json(l); the test process asserts on them.
 """
 
@@ -128,6 +130,44 @@ def own_te(recipe, out: Path) -> None:
     trainer.engine.barrier()
 
 
+def incremental(recipe, out: Path) -> None:
+    """The incremental objective over the ranks: which supervisor each rank holds, then the steps;
+    rank 0 replays every step in one process from the gathered batches and generator states (each
+    rank's micro-batch weighted 1/W, then the same optimizer steps) and records both losses."""
+    raw = recipe.to_dict()
+    raw["optim"]["grad_clip"] = 0.0  # no global-norm clipping: the replay's update is the plain AdamW step
+    recipe = parse_recipe(raw)
+    trainer = DistillationTrainer(recipe)
+    engine, rank = trainer.engine, trainer.engine.rank
+    result = {"rank": rank, "slots": trainer.slot_names, "local": trainer.local_teachers,
+              "loaded": {str(i): t.name for i, t in trainer.teachers.items()}, "styles": trainer.batch_styles.tolist()}
+    data, steps = iter(trainer.stream), []
+    for _ in range(recipe.train.max_steps):
+        batch, gen_state = next(data), trainer.generator.get_state()
+        losses = {k: float(v) for k, v in trainer.train_step(batch).items()}
+        steps.append(all_gather_object((batch, gen_state, losses, trainer.batch_styles.tolist())))
+    if rank == 0:
+        ref_raw = recipe.to_dict()
+        ref_raw["distributed"].update(engine="none", options={})
+        ref_raw["train"]["output_dir"] = str(out / "reference")
+        ref = DistillationTrainer(parse_recipe(ref_raw), engine=SingleProcessEngine())
+        result["reference_loaded"] = {str(i): t.name for i, t in ref.teachers.items()}
+        result["reference_losses"], result["rank_losses"] = [], []
+        for gathered in steps:
+            per_rank = []
+            for b, g, _, styles in gathered:
+                ref.generator.set_state(g)
+                per_rank.append({k: float(v.detach()) for k, v in
+                                 ref.micro_step(b, torch.tensor(styles), 1.0 / len(gathered)).items()
+                                 if not k.startswith(SCORE_PART)})
+            for which in ref.models:
+                ref.engine.step(which, 0.0)
+            result["reference_losses"].append(per_rank)
+            result["rank_losses"].append([{k: v for k, v in x[2].items() if k in per_rank[0]} for x in gathered])
+    engine.barrier()
+    (out / f"incremental.rank{rank}.json").write_text(json.dumps(result, indent=1))
+
+
 def train(recipe, out: Path, kill_in_save: int | None) -> None:
     trainer = DistillationTrainer(recipe)
     if kill_in_save is not None:
@@ -161,7 +201,7 @@ def train(recipe, out: Path, kill_in_save: int | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["props", "train", "own_te"])
+    parser.add_argument("mode", choices=["props", "train", "own_te", "incremental"])
     parser.add_argument("recipe")
     parser.add_argument("out")
     parser.add_argument("--kill-in-save", type=int, default=None)
@@ -175,6 +215,8 @@ def main() -> None:
         props(recipe, out)
     elif args.mode == "own_te":
         own_te(recipe, out)
+    elif args.mode == "incremental":
+        incremental(recipe, out)
     else:
         train(recipe, out, args.kill_in_save)
     if torch.distributed.is_initialized():
