@@ -418,7 +418,8 @@ def expand_stages(raw: dict, recipe: Recipe, base) -> list[dict]:
         merged = _merge(merged, {"name": f"{recipe.name}/{name}",
                                  "train": {"output_dir": str(Path(recipe.train.output_dir) / f"{k + 1}-{name}")}})
         if previous is not None:
-            merged = _merge(merged, {"model": {"init_from": str(Path(previous.train.output_dir) / "merged")}})
+            # absolute: train.output_dir is relative to the current folder, path keys to the recipe file's
+            merged = _merge(merged, {"model": {"init_from": os.path.abspath(Path(previous.train.output_dir) / "merged")}})
         try:
             built = parse_recipe(merged, base=base)
         except RecipeError as err:

@@ -156,3 +156,22 @@ def test_synthesized_training_resumes_exactly(world, made, tmp_path):
     a, b = load_file(str(tmp_path / "full" / ckpt)), load_file(str(tmp_path / "part" / ckpt))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_shipped_synthesized_recipes(monkeypatch):
+    from pathlib import Path
+
+    from dmm.recipes import load_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    toy = load_recipe(root / "recipes" / "toy_sdxl_4_synth.yaml")
+    distill, synth = toy.stages
+    assert distill["data"].get("synthesized") is None and synth["data"]["synthesized"]["per_teacher"] == 64
+    # stage 2 starts from stage 1's merged model (train.output_dir is relative to the current folder)
+    assert synth["model"]["init_from"] == str(root / "runs" / "toy_sdxl_4_synth" / "1-distill" / "merged")
+    assert synthesized_recipe(toy).data.synthesized.path == str(root / "runs" / "toy_sdxl_4_synth" / "images")
+    sd15 = load_recipe(root / "recipes" / "sd15_synth.yaml")
+    s = sd15.data.synthesized
+    assert (s.per_teacher, sd15.data.batch_size, sd15.train.max_steps) == (1500, 10, 10000)  # the paper's settings
+    assert sd15.model.init_from == str(root / "runs" / "sd15_8" / "merged")
