@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +129,17 @@ def model_fingerprint(folder) -> str:
                 st = f.stat()
                 h.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+def merged_sampling(folder: str | Path) -> dict | None:
+    """The sampling a merged model's export records (a few-step stage's), or None."""
+    from dmm.pipeline import MERGE_INFO
+
+    path = Path(folder) / MERGE_INFO
+    try:
+        return json.loads(path.read_text()).get("sampling")
+    except (OSError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------- configs
@@ -244,10 +255,21 @@ class GenerationCache:
             self._fingerprints[model] = model_fingerprint(model)
         return self._fingerprints[model]
 
+    def sampling_for(self, s: ImageSet) -> SamplingConfig:
+        """The suite's settings, except for a few-step merged model (SPLAM): it samples the way its
+        export records (its own LCM scheduler, its steps, guidance 1), while its teachers keep the suite's."""
+        if s.kind != "merged":
+            return self.sampling
+        own = merged_sampling(s.model)
+        if own is None:
+            return self.sampling
+        return replace(self.sampling, steps=int(own["num_inference_steps"]),
+                       guidance_scale=float(own["guidance_scale"]), scheduler="pipeline", negative_prompt="")
+
     def set_key(self, s: ImageSet) -> dict:
         return {"model": str(Path(s.model).resolve()), "model_fingerprint": self.fingerprint(s.model),
                 "kind": s.kind, "style": _style_key(s.style) if s.kind == "merged" else None,
-                "sampling": self.sampling.key()}
+                "sampling": self.sampling_for(s).key()}
 
     def set_dir(self, s: ImageSet) -> Path:
         digest = hashlib.sha256(json.dumps(self.set_key(s), sort_keys=True).encode()).hexdigest()[:16]
@@ -257,13 +279,14 @@ class GenerationCache:
         k = (s.model, s.kind)
         if k not in self._pipes:
             pipe = self._loader(s.model, s.kind)
-            if self.sampling.scheduler == "dpmsolver++":
+            scheduler = self.sampling_for(s).scheduler
+            if scheduler == "dpmsolver++":
                 from diffusers import DPMSolverMultistepScheduler
 
                 pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config,
                                                                          algorithm_type="dpmsolver++")
-            elif self.sampling.scheduler != "pipeline":
-                raise ValueError(f"unknown scheduler {self.sampling.scheduler!r} (dpmsolver++ or pipeline)")
+            elif scheduler != "pipeline":
+                raise ValueError(f"unknown scheduler {scheduler!r} (dpmsolver++ or pipeline)")
             if hasattr(pipe, "set_progress_bar_config"):
                 pipe.set_progress_bar_config(disable=True)
             self._pipes[k] = pipe
@@ -316,7 +339,7 @@ class GenerationCache:
         return paths
 
     def _sample(self, s: ImageSet, prompts: list[str], seeds: list[int]) -> np.ndarray:
-        cfg = self.sampling
+        cfg = self.sampling_for(s)
         pipe = self.pipeline(s)
         if s.kind == "merged":
             pipe.unet.set_style(s.style)

@@ -135,3 +135,24 @@ def test_prompt_files(tmp_path):
     binary.write_bytes(b"\xff\xfe\xfa")
     with pytest.raises(PromptFileError, match="cannot read"):
         load_prompts(binary)
+
+
+def test_a_few_step_merged_model_samples_as_its_export_records(tiny_models, tmp_path):
+    """A SPLAM export records LCM / 4 steps / guidance 1: its sets use them, teachers keep the suite's."""
+    import shutil
+
+    folder = tmp_path / "few"
+    shutil.copytree(tiny_models["merged"], folder)
+    info_path = folder / "dmm_merge.json"
+    info = json.loads(info_path.read_text())
+    info["sampling"] = {"scheduler": "lcm", "num_inference_steps": 4, "guidance_scale": 1.0}
+    info_path.write_text(json.dumps(info))
+    cache = GenerationCache(tmp_path / "cache", SamplingConfig(steps=2, guidance_scale=3.0, batch_size=2))
+    style = json.loads(info_path.read_text())["style_names"][0]
+    merged = ImageSet("merged/x", str(folder), "merged", style, PROMPTS[:1], [0])
+    plain = ImageSet("merged/y", tiny_models["merged"], "merged", style, PROMPTS[:1], [0])
+    teacher = ImageSet("teacher/x", next(iter(tiny_models["teachers"].values())), "teacher", None, PROMPTS[:1], [0])
+    few = cache.sampling_for(merged)
+    assert (few.steps, few.guidance_scale, few.scheduler, few.negative_prompt) == (4, 1.0, "pipeline", "")
+    assert cache.sampling_for(plain) == cache.sampling_for(teacher) == cache.sampling
+    assert cache.set_key(merged)["sampling"]["steps"] == 4
