@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dmm.recipes import load_recipe
-from dmm.train.dryrun import DryRunError, parse_memory, plan, render
+from dmm.train.dryrun import Activations, DryRunError, parse_memory, plan, render, supervisor_slots
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -59,7 +59,7 @@ def no_weights(monkeypatch):
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_shipped_recipe_dry_runs_without_reading_weights(recipe, no_weights, tmp_path):
     r = load_recipe(recipe, [f"train.output_dir={tmp_path}/run"])
-    gpus = 1 if r.distributed.engine == "none" else len(r.teachers)
+    gpus = 1 if r.distributed.engine == "none" else len(supervisor_slots(r))  # the incremental's extra slot too
     p = plan(r, gpus, parse_memory("80GiB"))
     text = render(p)
     assert "FITS" in text or "DOES NOT FIT" in text
@@ -132,6 +132,81 @@ def test_launcher_flag_prints_the_table_and_refuses_a_bad_unit(capsys):
     assert "has no unit" in capsys.readouterr().err
     assert main(["--recipe", str(ROOT / "recipes" / "sdxl_4.yaml"), "--dry-run", "--gpus", "3"]) == 2
     assert "grad_accum_steps" in capsys.readouterr().err  # 4 teachers cannot share 3 ranks equally
+
+
+# Layout tests: the activation figures do not matter (and a toy UNet's would be measured now).
+FLAT = Activations(student=1, student_other=None, disc=1, disc_frozen=1, teacher=1, vae=1, features=1, source="test")
+PREVIOUS = "previous student"
+
+
+def _holding(p, name: str) -> list[int]:
+    return sorted(rank for rp in p.ranks for rank, names in rp.teachers.items() if name in names)
+
+
+def _row(p, rank: int, prefix: str) -> int:
+    rp = next(rp for rp in p.ranks if rank in rp.ranks)
+    return sum(b for label, b in rp.resident if label.startswith(prefix))
+
+
+@pytest.mark.parametrize("regularizer", [True, False])
+def test_incremental_regulariser_takes_a_slot_of_its_own(no_weights, regularizer):
+    """sd15_incremental_4p4: 4 new teachers + the frozen previous student = 5 slots; on 10 ranks,
+    ranks 4 and 9 hold the previous student (sized like the UNet: its init_from folder is a
+    placeholder here), the others one teacher; without the regulariser no rank holds it."""
+    r = load_recipe(ROOT / "recipes" / "sd15_incremental_4p4.yaml")
+    r.objective.options = {"regularizer": regularizer}
+    gpus = 10 if regularizer else 8
+    p = plan(r, gpus, parse_memory("80GiB"), act=FLAT)
+    assert sum(len(rp.ranks) for rp in p.ranks) == gpus
+    if not regularizer:
+        assert not p.models.extra and _holding(p, PREVIOUS) == [] and "previous student" not in render(p)
+        assert all(_row(p, k, "teachers x1") == 2 * p.models.teacher for k in range(gpus))
+        return
+    assert p.models.slots == [*r.style_names, PREVIOUS]
+    assert _holding(p, PREVIOUS) == [4, 9]
+    assert "init_from" in p.models.source and "not a merged model on disk" in p.models.source
+    assert abs(p.models.extra[PREVIOUS] - p.models.student) < 1e-3 * p.models.student  # a full style UNet
+    for k in range(gpus):
+        regulariser = _row(p, k, PREVIOUS)
+        assert regulariser == (2 * p.models.extra[PREVIOUS] if k in (4, 9) else 0)  # bfloat16
+        assert _row(p, k, "teachers x") == (0 if k in (4, 9) else 2 * p.models.teacher)
+    out = render(p)
+    assert "9: previous student" in out and "supervisors held per rank" in out
+    # Layouts are sized over the 5 slots: 4 ranks cannot share them equally.
+    with pytest.raises(DryRunError, match="5 teachers"):
+        plan(r, 4, parse_memory("80GiB"), act=FLAT)
+
+
+def _merged_folder(folder: Path, base: Path, styles: list[str]) -> Path:
+    """A merged model's configs on disk (no weights): what the dry run reads of model.init_from."""
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text((base / "model_index.json").read_text())
+    cfg = json.loads((base / "unet" / "config.json").read_text())
+    cfg.update(_class_name="StyleUNet2DConditionModel", style_names=styles)
+    (folder / "unet" / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("regularizer", [True, False])
+def test_toy_incremental_regulariser_from_the_merged_config(no_weights, tmp_path, regularizer):
+    """toy_incremental_4p2 on 3 ranks (2 new teachers + the previous student): its config is read
+    from model.init_from (4 old styles), the student has 6 style rows, rank 2 holds the copy."""
+    r = load_recipe(ROOT / "recipes" / "toy_incremental_4p2.yaml")
+    old = ["flat", "outline", "neon", "pixel"]
+    r.model.init_from = str(_merged_folder(tmp_path / "merged", Path(r.model.base), old))
+    r.objective.options = {"regularizer": regularizer}
+    r.distributed.engine = "fsdp2"
+    p = plan(r, 3 if regularizer else 2, parse_memory("80GiB"), act=FLAT)
+    time_embed = json.loads((Path(r.model.base) / "unet" / "config.json").read_text())["block_out_channels"][0] * 4
+    if not regularizer:
+        assert _holding(p, PREVIOUS) == [] and not p.models.extra
+        assert [p.ranks[0].teachers[k] for k in range(2)] == [["hatched"], ["sepia"]]
+        return
+    assert _holding(p, PREVIOUS) == [2] and str(tmp_path / "merged") in p.models.source
+    assert p.models.student - p.models.extra[PREVIOUS] == 2 * time_embed  # 6 style rows against 4
+    assert _row(p, 2, PREVIOUS) == 4 * p.models.extra[PREVIOUS] and _row(p, 2, "teachers x") == 0  # float32
+    assert _row(p, 0, PREVIOUS) == 0 and _row(p, 0, "teachers x1") == 4 * p.models.teacher
+    assert "2: previous student" in render(p)
 
 
 @pytest.mark.parametrize("text, expected", [("80GiB", 80 * GiB), ("80 GB", 80 * 10**9), ("40960MiB", 40 * GiB),

@@ -9,7 +9,9 @@ in, and the report says so. Per rank it adds up, in bytes:
   weights, gradients and AdamW's two fp32 states, each divided by the world size where the
   engine shards it (DeepSpeed ZeRO 1/2/3, optional optimizer offload to the host; FSDP2), plus
   the engine's working buffers and bf16 weight copies under autocast;
-- this rank's teachers (dmm.train.layout decides which) in `model.teacher_dtype`;
+- this rank's supervisors in `model.teacher_dtype`: the layout (dmm.train.layout) spreads the objective's
+  slots (`Objective.slot_names`: the teachers, then e.g. the incremental objective's frozen copy of
+  `model.init_from`, sized from that folder's config when it is on disk) over the ranks;
 - the frozen base parts the trainer keeps on the device (text encoders and VAE, fp32);
 - activations: per-sample figures MEASURED on a CPU for the full-size SD1.5 / SDXL UNets
   (MEASURED below, with the command that made them) scaled to the recipe's latent size by the
@@ -33,6 +35,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dmm.data.buckets import largest_side
 from dmm.models.arch import (
     Arch,
     block_output_shapes,
@@ -61,20 +64,25 @@ TOKENS = 77  # caption tokens of the cross-attention input (CLIP's context lengt
 # Parts: student = fwd+bwd with feature hooks and losses (bf16 autocast; gradient checkpointing on,
 # or off measured --forward-only: the peak at the end of forward, every saved activation alive);
 # disc = discriminator forward for its update, disc_frozen = the generator loss's pass (gradient to
-# the input only), both --forward-only; teacher = no-grad forward; vae = full-size VAE encode (fp32).
+# the input only), both --forward-only without activation checkpointing, fwd+bwd with it (--checkpointing
+# on: the peak is in backward, one block recomputed at a time; measured 2026-12-02 03:40, shared machine,
+# in the same run as a re-measurement without it that came within 7% of the stored figures at latent 32);
+# teacher = no-grad forward; vae = full-size VAE encode (fp32).
 # Keys: (arch, part, precision, gradient checkpointing); values: {latent side: bytes per sample},
 # scaled to other latent sizes by the number of latent pixels (`per_sample`).
 MEASURED: dict[tuple[str, str, str, bool | None], dict[int, int]] = {
     ("sd15", "student", "bf16", False): {16: 355_794_944, 32: 449_708_032},  # fwd+bwd
     ("sd15", "student", "bf16", True): {16: 256_442_368, 32: 258_801_664},  # fwd+bwd
-    ("sd15", "disc", "bf16", None): {16: 162_856_960, 32: 221_609_984},
-    ("sd15", "disc_frozen", "bf16", None): {16: 24_969_216, 32: 81_264_640},
+    ("sd15", "disc", "bf16", False): {16: 162_856_960, 32: 221_609_984},
+    ("sd15", "disc_frozen", "bf16", False): {16: 24_969_216, 32: 81_264_640},
     ("sd15", "teacher", "bf16", None): {16: 137_756_672},
     ("sdxl", "teacher", "bf16", None): {16: 96_370_688},
     ("sdxl", "student", "bf16", False): {16: 577_830_912, 32: 929_267_712},  # forward only
     ("sdxl", "student", "bf16", True): {16: 107_020_288, 32: 247_562_240},  # fwd+bwd
-    ("sdxl", "disc", "bf16", None): {16: 311_328_768, 32: 482_869_248},
-    ("sdxl", "disc_frozen", "bf16", None): {16: 73_138_176, 32: 285_016_064},
+    ("sdxl", "disc", "bf16", False): {16: 311_328_768, 32: 482_869_248},
+    ("sdxl", "disc_frozen", "bf16", False): {16: 73_138_176, 32: 285_016_064},
+    ("sdxl", "disc", "bf16", True): {16: 90_374_144, 32: 98_631_680},  # fwd+bwd
+    ("sdxl", "disc_frozen", "bf16", True): {16: 94_175_232, 32: 141_000_704},  # fwd+bwd
     ("sd15", "vae", "fp32", None): {16: 63_135_744},  # full size; SDXL's VAE is the same network
 }
 
@@ -125,6 +133,8 @@ class Models:
     frozen: dict[str, int]
     largest_unit: dict[str, int]  # FSDP2's largest sharding unit (one UNet block) per trained model
     standard: bool  # the full-size SD1.5/SDXL UNet (measured figures apply)
+    slots: list[str] = field(default_factory=list)  # the supervisors the layout distributes (objective.slot_names)
+    extra: dict[str, int] = field(default_factory=dict)  # the objective's own supervisors beyond the teachers
 
 
 def _class(library: str, name: str):
@@ -204,16 +214,52 @@ def build_models(recipe: Recipe) -> Models:
     import torch
 
     teacher = _meta_build(*parts["unet"])
+    slots, styles, extra_cfg, where = _objective_slots(recipe, unet_cfg)
     with torch.device("meta"):
-        student = StyleUNet2DConditionModel(**unet_cfg, style_names=recipe.style_names)
-        disc = MultiClassDiscriminator(teacher, len(recipe.style_names))
+        student = StyleUNet2DConditionModel(**unet_cfg, style_names=styles)
+        disc = MultiClassDiscriminator(teacher, len(styles))
+        extra = {name: _numel(StyleUNet2DConditionModel(**extra_cfg)) for name in slots[len(recipe.teachers):]}
     frozen = {name: _numel(_meta_build(*spec)) for name, spec in parts.items() if name != "unet"}
     vae_cfg = parts["vae"][2] if "vae" in parts else {"block_out_channels": (0,) * 4}
-    return Models(arch=arch, source=source, unet_config=unet_cfg, vae_factor=vae_scale_factor(vae_cfg),
+    return Models(arch=arch, source=source + (f"; {where}" if extra else ""), unet_config=unet_cfg,
+                  vae_factor=vae_scale_factor(vae_cfg),
                   student=_numel(student), teacher=_numel(teacher), disc=_numel(disc), frozen=frozen,
                   largest_unit={"student": max(_numel(b) for b in feature_blocks(student).values()),
                                 "disc": max(_numel(b) for b in feature_blocks(disc.encoder).values())},
-                  standard=_is_standard(arch, unet_cfg))
+                  standard=_is_standard(arch, unet_cfg), slots=slots, extra=extra)
+
+
+def supervisor_slots(recipe: Recipe) -> list[str]:
+    """The supervisors the rank layout distributes: the teachers, then the objective's own (the
+    incremental objective's frozen previous student), as the trainer lays them out."""
+    from dmm.objectives import objective_class
+
+    cls, options = objective_class(recipe)
+    return cls.slot_names(recipe.style_names, recipe.model.init_from, options)
+
+
+def _objective_slots(recipe: Recipe, unet_cfg: dict) -> tuple[list[str], list[str], dict, str]:
+    """(slots, the student's style names, the config of the objective's extra supervisors, where that
+    config came from). An extra supervisor is a frozen style UNet copied from `model.init_from`:
+    its config is read from there when the folder is on disk (no weights), else the base UNet's
+    config with a style codebook stands in (the old styles unknown: as many as the new ones)."""
+    from dmm.objectives import student_style_names
+
+    slots = supervisor_slots(recipe)
+    init = Path(recipe.model.init_from) / "unet" / "config.json" if recipe.model.init_from else None
+    if init is not None and init.is_file():
+        cfg = _read_config(init.parent)
+        try:
+            styles = student_style_names(recipe)
+        except (OSError, ValueError):
+            styles = list(recipe.style_names)
+        if cfg.get("style_names"):
+            return slots, styles, cfg, f"the objective's frozen supervisor from the config of {init.parent}"
+    cfg = {**unet_cfg, "style_names": list(recipe.style_names)}
+    where = (f"model.init_from {recipe.model.init_from!r} is not a merged model on disk: the objective's frozen "
+             f"supervisor is the base UNet config with {len(recipe.style_names)} style rows (the old styles' count "
+             "is unknown)")
+    return slots, list(recipe.style_names), cfg, where
 
 
 # --------------------------------------------------------------------------- engines
@@ -309,12 +355,12 @@ def _figure(arch: str, part: str, precision: str, checkpointing: bool | None, la
     if precision == "fp32" and (arch, part, "bf16", checkpointing) in MEASURED:
         notes.append(f"{part}: no fp32 measurement, taken as twice the bf16 one")
         return 2 * per_sample(arch, part, "bf16", checkpointing, latent)
-    if part == "student" and (arch, part, precision, not checkpointing) in MEASURED:
+    if part in ("student", "disc", "disc_frozen") and (arch, part, precision, not checkpointing) in MEASURED:
         for other in _measured_archs():  # the ratio checkpointing on/off of an architecture measured both ways
             on, off = (other, part, precision, True), (other, part, precision, False)
             if on in MEASURED and off in MEASURED:
                 ratio = per_sample(*on, latent) / max(1, per_sample(*off, latent))
-                notes.append(f"student with gradient checkpointing {'on' if checkpointing else 'off'}: not measured "
+                notes.append(f"{part} with gradient checkpointing {'on' if checkpointing else 'off'}: not measured "
                              f"for {arch}, taken from its other setting by {other}'s ratio")
                 known = per_sample(arch, part, precision, not checkpointing, latent)
                 return int(known * ratio if checkpointing else known / ratio)
@@ -444,6 +490,8 @@ def measure_now(recipe: Recipe, models: Models, latent: int, checkpointing: bool
 
     base = UNet2DConditionModel(**cfg)
     disc = MultiClassDiscriminator(base, n).train()
+    if checkpointing:  # the trainer checkpoints the discriminator with the student (train.gradient_checkpointing)
+        disc.enable_gradient_checkpointing()
     for p in disc.parameters():
         p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
 
@@ -498,7 +546,7 @@ def _optional(figure):
 
 
 def activations(recipe: Recipe, models: Models) -> Activations:
-    latent = -(-recipe.data.resolution // models.vae_factor)
+    latent = -(-largest_side(recipe) // models.vae_factor)  # buckets: the square of the largest one's area
     ckpt = recipe.train.gradient_checkpointing
     precision = "bf16" if recipe.train.mixed_precision == "bf16" else "fp32"
     teacher_precision = "bf16" if recipe.model.teacher_dtype == "bfloat16" else "fp32"
@@ -511,8 +559,8 @@ def activations(recipe: Recipe, models: Models) -> Activations:
         act = Activations(
             student=_figure(name, "student", precision, ckpt, latent, notes),
             student_other=_optional(lambda: _figure(name, "student", precision, not ckpt, latent, [])),
-            disc=_figure(name, "disc", precision, None, latent, notes),
-            disc_frozen=_figure(name, "disc_frozen", precision, None, latent, notes),
+            disc=_figure(name, "disc", precision, ckpt, latent, notes),
+            disc_frozen=_figure(name, "disc_frozen", precision, ckpt, latent, notes),
             teacher=_figure(name, "teacher", teacher_precision, None, latent, notes),
             vae=_figure(name, "vae", "fp32", None, latent, notes),
             features=features,
@@ -534,7 +582,7 @@ def activations(recipe: Recipe, models: Models) -> Activations:
 @dataclass
 class RankPlan:
     ranks: list[int]
-    teachers: dict[int, list[str]]  # rank -> the teachers it holds
+    teachers: dict[int, list[str]]  # rank -> the supervisors it holds (teachers, the objective's own)
     resident: list[tuple[str, int]]
     phases: dict[str, int]
     host: int
@@ -586,10 +634,12 @@ def plan(recipe: Recipe, gpus: int, budget: int, *, models: Models | None = None
                           "--set distributed.engine=deepspeed (or fsdp2)")
     models = models or build_models(recipe)
     act = act or activations(recipe, models)
+    slots = models.slots or [t.name for t in recipe.teachers]
+    n_teachers = len(recipe.teachers)
     notes = [models.source, f"activations: {act.source}"]
     accum = recipe.distributed.grad_accum_steps
     try:
-        layout = TeacherLayout(gpus, len(recipe.teachers), accum)
+        layout = TeacherLayout(gpus, len(slots), accum)
     except ValueError as err:
         raise DryRunError(str(err)) from None
     if engine not in ENGINE_MEMORY:
@@ -619,11 +669,14 @@ def plan(recipe: Recipe, gpus: int, budget: int, *, models: Models | None = None
                      "in the pixels); explicit attention also holds the attention matrices, not counted here")
     b = recipe.data.batch_size
 
-    groups: dict[int, list[int]] = {}  # ranks holding the same number of teachers need the same memory
+    # Ranks holding the same number of teachers and the same objective supervisors need the same memory.
+    groups: dict[tuple[int, tuple[str, ...]], list[int]] = {}
     for rank in range(gpus):
-        groups.setdefault(len(layout.teachers_for_rank(rank)), []).append(rank)
+        held = layout.teachers_for_rank(rank)
+        key = (sum(i < n_teachers for i in held), tuple(slots[i] for i in held if i >= n_teachers))
+        groups.setdefault(key, []).append(rank)
     ranks = []
-    for count, members in groups.items():
+    for (count, own), members in groups.items():
         teachers = range(count)
         resident = [(f"student weights ({student.notes[0]})", student.weights)]
         if student.master:
@@ -636,8 +689,12 @@ def plan(recipe: Recipe, gpus: int, budget: int, *, models: Models | None = None
             resident.append(("discriminator AdamW states", disc.optimizer))
             if engine == "deepspeed":  # FrozenAwareCall: a whole copy for the generator loss's pass
                 resident.append(("discriminator frozen replica (generator loss)", disc.weights))
-        resident.append((f"teachers x{len(teachers)} ({recipe.model.teacher_dtype})", len(teachers) * tbytes
-                         * models.teacher))
+        if count or not own:
+            resident.append((f"teachers x{len(teachers)} ({recipe.model.teacher_dtype})", len(teachers) * tbytes
+                             * models.teacher))
+        for name in own:  # e.g. the incremental objective's frozen copy of the starting student
+            resident.append((f"{name} (frozen supervisor of the objective, {recipe.model.teacher_dtype})",
+                             tbytes * models.extra[name]))
         resident.append((f"frozen base parts ({', '.join(models.frozen) or 'none'}; fp32)", frozen))
         g_s = student.grads
         g_d = disc.grads if disc else 0
@@ -653,7 +710,7 @@ def plan(recipe: Recipe, gpus: int, budget: int, *, models: Models | None = None
         if disc is not None:
             phases["discriminator update"] = (g_s + (g_d if accum > 1 else 0) + disc.mp_copies + disc.working
                                               + b * (act.features + 2 * act.disc))
-        ranks.append(RankPlan(ranks=members, teachers={m: [recipe.teachers[i].name for i in layout.teachers_for_rank(m)]
+        ranks.append(RankPlan(ranks=members, teachers={m: [slots[i] for i in layout.teachers_for_rank(m)]
                                                        for m in members},
                               resident=resident, phases=phases, host=student.host + (disc.host if disc else 0)))
     return Plan(recipe=recipe, gpus=gpus, budget=budget, models=models, act=act, ranks=ranks,
@@ -740,7 +797,7 @@ def fitting_switches(p: Plan, limit: int = 3) -> list[tuple[str, int]]:
 
 def _same_activations(a: Recipe, b: Recipe) -> bool:
     keys = lambda r: (r.train.gradient_checkpointing, r.train.mixed_precision, r.model.teacher_dtype,
-                      r.data.resolution)
+                      r.data.resolution, r.data.buckets)
     return keys(a) == keys(b)
 
 
@@ -760,7 +817,9 @@ def render(p: Plan) -> str:
     lines = [f"dry run of {r.name}: {p.gpus} GPU(s) of {fmt(p.budget)}; engine {engine}"
              + (f" ({opts})" if opts else "") + f"; mixed precision {r.train.mixed_precision}; gradient "
              f"checkpointing {'on' if r.train.gradient_checkpointing else 'off'}; micro-batch {r.data.batch_size} "
-             f"x {r.distributed.grad_accum_steps} accumulation; {r.data.resolution} px",
+             f"x {r.distributed.grad_accum_steps} accumulation; {r.data.resolution} px"
+             + (f" (buckets: activations at the largest one's area, {largest_side(r)} px square)"
+                if r.data.buckets is not None else ""),
              f"models ({p.models.arch.name}): {p.models.source}",
              f"  student {p.models.student / 1e6:.1f}M parameters, teacher {p.models.teacher / 1e6:.1f}M, "
              f"discriminator {p.models.disc / 1e6:.1f}M"
@@ -773,11 +832,20 @@ def render(p: Plan) -> str:
     other = "without" if r.train.gradient_checkpointing else "with"
     other_figure = "not measured" if a.student_other is None else fmt(a.student_other)
     lines.append(f"per sample: student {fmt(a.student)} ({ck} gradient checkpointing; {other_figure} "
-                 f"{other}), discriminator update {fmt(a.disc)}, generator-loss pass {fmt(a.disc_frozen)}, "
+                 f"{other}), discriminator update {fmt(a.disc)}, generator-loss pass {fmt(a.disc_frozen)} "
+                 f"(both {ck} it), "
                  f"teacher forward {fmt(a.teacher)}, teacher features {fmt(a.features)}, VAE encode {fmt(a.vae)}")
     header = [_rank_label(rp.ranks) for rp in p.ranks]
     rows: list[tuple[str, list[str]]] = []
-    labels = list(dict.fromkeys(label for rp in p.ranks for label, _ in rp.resident))
+    labels: list[str] = []  # every rank's rows; a new one after its predecessor and other ranks' rows there
+    for rp in p.ranks:
+        own = [label for label, _ in rp.resident]
+        for k, label in enumerate(own):
+            if label not in labels:
+                at = labels.index(own[k - 1]) + 1 if k else 0
+                while at < len(labels) and labels[at] not in own:
+                    at += 1
+                labels.insert(at, label)
     for label in labels:
         rows.append((label, [fmt(dict(rp.resident).get(label, 0)) for rp in p.ranks]))
     rows.append(("= resident", [fmt(rp.resident_bytes) for rp in p.ranks]))
@@ -787,7 +855,8 @@ def render(p: Plan) -> str:
     rows.append(("= peak", [f"{fmt(rp.peak)} ({rp.peak_phase})" for rp in p.ranks]))
     if any(rp.host for rp in p.ranks):
         rows.append(("host memory (offloaded optimizer)", [fmt(rp.host) for rp in p.ranks]))
-    rows.append(("teachers held per rank", [str(len(next(iter(rp.teachers.values())))) for rp in p.ranks]))
+    rows.append(("supervisors held per rank" if p.models.extra else "teachers held per rank",
+                 [str(len(next(iter(rp.teachers.values())))) for rp in p.ranks]))
     width = max(len(label) for label, _ in rows)
     cols = [max(len(h), *(len(v[i]) for _, v in rows)) for i, h in enumerate(header)]
     lines.append("")
@@ -815,10 +884,10 @@ def render(p: Plan) -> str:
 
 def dry_run(recipe: Recipe, gpus: int | None = None, gpu_memory: str = "80GiB") -> Plan:
     """The plan for `recipe` (the launcher's --dry-run). Default GPU count: 1 with engine none,
-    otherwise the number of teachers (the paper's one teacher per rank)."""
+    otherwise the number of supervisor slots (the paper's one teacher per rank)."""
     budget = parse_memory(gpu_memory)
     if gpus is None:
-        gpus = 1 if recipe.distributed.engine == "none" else len(recipe.teachers)
+        gpus = 1 if recipe.distributed.engine == "none" else len(supervisor_slots(recipe))
     return plan(recipe, gpus, budget)
 
 
