@@ -15,6 +15,8 @@ gamma enters `timestep_cond` as diffusers' guidance-scale embedding of (1 - gamm
 pipeline passes the embedding of (guidance_scale - 1), so sampling with the LCM scheduler at
 guidance 1 asks for gamma = 1, the plain consistency-model input the target was trained with.
 The new `time_embedding.cond_proj` layer starts at zero, so the student starts as the merged model.
+On a v-prediction base (the toy world's) every output is read as noise at the timestep it was
+asked for (eps = s_t x + a_t v), then decoded as above; at gamma = 1 that is the usual x0 = a_t x - s_t v.
 The teachers are the recipe's (one per style, the same as the merged model's), laid out as in `dmm`;
 the recipe's `loss` section (the dmm weights) does not apply, and there is no discriminator.
 """
@@ -28,7 +30,7 @@ from typing import Literal
 import torch
 from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-from dmm.diffusion import add_noise
+from dmm.diffusion import add_noise, convert_prediction
 from dmm.losses.consistency import pseudo_huber_loss
 from dmm.models.ema import WeightEMA
 from dmm.models.student import StyleUNet2DConditionModel
@@ -97,9 +99,9 @@ class SplamObjective(DMMObjective):
         from diffusers import DDPMScheduler
 
         scheduler = DDPMScheduler.load_config(str(Path(recipe.model.base) / "scheduler"))
-        if scheduler.get("prediction_type", "epsilon") != "epsilon":
+        if scheduler.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
             raise NotImplementedError(f"objective splam: the base predicts {scheduler['prediction_type']}; the "
-                                      "sub-path scalings are implemented for epsilon-prediction bases (SD1.5, SDXL)")
+                                      "sub-path decoding is defined for epsilon and v_prediction bases")
 
     def __init__(self, trainer, options):
         super().__init__(trainer, options)
@@ -127,6 +129,11 @@ class SplamObjective(DMMObjective):
         c_out = torch.tensor([p[1] for p in pairs], dtype=torch.float32)
         return c_skip.view(-1, 1, 1, 1).to(t.device), c_out.view(-1, 1, 1, 1).to(t.device)
 
+    def _eps(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """A model output as noise, read at timestep t (a v-prediction base's v: eps = s_t x + a_t v)."""
+        base = self.trainer.base
+        return convert_prediction(output, x, t, base.alphas_cumprod, base.prediction_type, "epsilon")
+
     def micro_step(self, batch, styles, scale, groups):
         tr, o = self.trainer, self.options
         labels = self.class_labels(styles)
@@ -145,8 +152,8 @@ class SplamObjective(DMMObjective):
         s_e = (1 - abar[end]).sqrt().view(-1, 1, 1, 1)
 
         with torch.no_grad():  # the teacher's DDIM step z (t_{n+k}) -> x_prev (t_n), with fixed guidance
-            eps_c, _ = self.teacher_outputs(z, start, inputs, groups, False, labels)
-            eps_u, _ = self.teacher_outputs(z, start, empty, groups, False, labels)
+            eps_c = self._eps(self.teacher_outputs(z, start, inputs, groups, False, labels)[0], z, start)
+            eps_u = self._eps(self.teacher_outputs(z, start, empty, groups, False, labels)[0], z, start)
             eps = eps_c + o.guidance * (eps_c - eps_u)
             x0_teacher = (z - (1 - a_s ** 2).sqrt() * eps) / a_s
             x_prev = a_e * x0_teacher + s_e * eps
@@ -157,6 +164,7 @@ class SplamObjective(DMMObjective):
         with tr.autocast():
             eps_student = student(student_in, start, cond.encoder_hidden_states, class_labels=labels,
                                   timestep_cond=emb, **cond.unet_kwargs()).sample.float()
+        eps_student = self._eps(eps_student, student_in, start)
         c_skip, c_out = self._scalings(start)
         pred = c_skip * student_in + c_out * (student_in - sigma * eps_student) / a_s
 
@@ -164,6 +172,7 @@ class SplamObjective(DMMObjective):
             one = gamma_embedding(torch.ones(n), o.cond_dim).to(tr.device)
             eps_target = self._target(x_prev, end, cond.encoder_hidden_states, class_labels=labels,
                                       timestep_cond=one, **cond.unet_kwargs()).sample.float()
+            eps_target = self._eps(eps_target, x_prev, end)
         c_skip_e, c_out_e = self._scalings(end)
         target = c_skip_e * x_prev + c_out_e * (x_prev - s_e * eps_target) / a_e
 

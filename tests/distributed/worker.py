@@ -5,6 +5,8 @@
                                             --kill-in-save K: SIGKILL itself while writing step K's checkpoint
   worker.py incremental RECIPE OUT_DIR      each rank's supervisors, train.max_steps steps, and rank 0's
                                             single-process replay of them (every slot in one process)
+  worker.py averages RECIPE OUT_DIR         the weight averages (optim.ema_decay, SPLAM's target) after
+                                            train.max_steps steps against rank 0's replay of them
 Results go to OUT_DIR/<mode>.rank<r>.json(l); the test process asserts on them.
 """
 
@@ -199,9 +201,39 @@ def train(recipe, out: Path, kill_in_save: int | None) -> None:
     trainer.engine.barrier()
 
 
+def averages(recipe, out: Path) -> None:
+    """Train max_steps steps keeping averages; rank 0 replays each one from the engine's full state
+    dict (another path than the averages' full_params) and reports the largest difference."""
+    trainer = DistillationTrainer(recipe)
+    data = iter(trainer.stream)
+    decays = {name: ema.decay for name, ema in trainer.emas.items()}
+    full = trainer.engine.full_state_dict("student")
+    expected = {name: {k: full[k].clone() for k in ema.shadow} for name, ema in trainer.emas.items()} \
+        if trainer.engine.is_main else {}
+    losses = []
+    for _ in range(recipe.train.max_steps):
+        metrics = trainer.train_step(trainer._next_batches(data))
+        losses.append({k: float(v) for k, v in metrics.items()})
+        trainer.step += 1
+        full = trainer.engine.full_state_dict("student")
+        for name, state in expected.items():
+            for k in state:
+                state[k] = decays[name] * state[k] + (1 - decays[name]) * full[k]
+    result = {"rank": trainer.engine.rank, "names": sorted(trainer.emas), "losses": losses, "max_err": {}}
+    for name, state in expected.items():
+        got = trainer.emas[name].state_dict()
+        result["max_err"][name] = max(float((got[k] - v).abs().max()) for k, v in state.items())
+        result["moved"] = max(float((got[k] - full[k]).abs().max()) for k in state)
+    if "splam_target" in trainer.emas:  # the target is the same whole model on every rank
+        target = trainer.emas["splam_target"].state_dict()
+        result["target_sum"] = float(sum(v.double().sum() for v in target.values()))
+    trainer.engine.barrier()
+    (out / f"averages.rank{trainer.engine.rank}.json").write_text(json.dumps(result, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["props", "train", "own_te", "incremental"])
+    parser.add_argument("mode", choices=["props", "train", "own_te", "incremental", "averages"])
     parser.add_argument("recipe")
     parser.add_argument("out")
     parser.add_argument("--kill-in-save", type=int, default=None)
@@ -217,6 +249,8 @@ def main() -> None:
         own_te(recipe, out)
     elif args.mode == "incremental":
         incremental(recipe, out)
+    elif args.mode == "averages":
+        averages(recipe, out)
     else:
         train(recipe, out, args.kill_in_save)
     if torch.distributed.is_initialized():
