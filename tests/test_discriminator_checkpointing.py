@@ -32,7 +32,8 @@ def _saved_bytes(fn) -> tuple[object, int]:
 
 def _run(disc, inputs, frozen: bool, autocast: bool):
     """The discriminator update (trainable weights) or the generator loss's pass (gradient to the
-    input only); the loss, the gradients it leaves, and the bytes saved for backward."""
+    input only; frozen in forward, trainable again before backward, as in the objective); the loss,
+    the gradients it leaves, and the bytes saved for backward."""
     x, t, ehs, kw = inputs
     x = x.clone().requires_grad_(frozen)
     disc.zero_grad(set_to_none=True)
@@ -48,7 +49,11 @@ def _run(disc, inputs, frozen: bool, autocast: bool):
         return discriminator_loss(logits, logits.detach().flip(0), style, STYLES)
 
     loss, saved = _saved_bytes(forward)
+    if frozen:  # as the objective does: trainable again before the generator loss's backward
+        disc.requires_grad_(True)
     loss.backward()
+    if frozen:
+        assert all(p.grad is None for p in disc.parameters())  # the frozen pass reaches the input only
     grads = {"input": x.grad} if frozen else {n: p.grad for n, p in disc.named_parameters()}
     return loss.detach(), grads, saved
 

@@ -15,6 +15,29 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def checkpoint_as_called(module: nn.Module, *args):
+    """torch.utils.checkpoint of one block, recomputed in backward with the trainability its
+    parameters had in forward. The generator loss runs the discriminator frozen and the trainer
+    makes it trainable again before that loss's backward: a plain recomputation would then save
+    other tensors than the forward did (torch refuses: "different metadata")."""
+    params = list(module.parameters())
+    flags = [p.requires_grad for p in params]
+
+    def run(*inputs):
+        now = [p.requires_grad for p in params]
+        if now == flags:
+            return module(*inputs)
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        try:
+            return module(*inputs)
+        finally:
+            for p, flag in zip(params, now):
+                p.requires_grad_(flag)
+
+    return checkpoint(run, *args, use_reentrant=False)
+
+
 def _groups(channels: int) -> int:
     for g in (32, 16, 8, 4, 2, 1):
         if channels % g == 0:
@@ -43,9 +66,10 @@ class MultiClassDiscriminator(nn.Module):
 
     def enable_gradient_checkpointing(self) -> None:
         """Activation checkpointing (`train.gradient_checkpointing`): the encoder's blocks through
-        diffusers' own switch, the head through torch.utils.checkpoint. Its update runs 2x the
-        micro-batch (fake and real), so its stored activations are the SDXL step's largest."""
-        self.encoder.enable_gradient_checkpointing()
+        diffusers' own switch, the head likewise; both recompute as called (`checkpoint_as_called`).
+        Its update runs 2x the micro-batch (fake and real), so its stored activations are the SDXL
+        step's largest."""
+        self.encoder.enable_gradient_checkpointing(checkpoint_as_called)
         self.gradient_checkpointing = True
 
     def disable_gradient_checkpointing(self) -> None:
@@ -56,5 +80,5 @@ class MultiClassDiscriminator(nn.Module):
         kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs is not None else {}
         feats = self.encoder(x_t, t, encoder_hidden_states, **kwargs).sample
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self.head, feats, use_reentrant=False)
+            return checkpoint_as_called(self.head, feats)
         return self.head(feats)

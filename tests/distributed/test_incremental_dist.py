@@ -3,7 +3,9 @@
 A merged model of style0 and style1 gains style2; the frozen copy of the merged model (the
 regulariser) is the second supervisor slot, so rank 0 holds teacher style2 and rank 1 the
 previous student, each loaded only there. Three training steps; every step's losses on each rank
-equal a single-process replay of the same batches and random draws with both supervisors.
+equal a single-process replay of the same batches and random draws with both supervisors, with
+activation checkpointing of the student and the discriminator on (the generator loss's frozen
+pass recomputed in backward after the discriminator is trainable again).
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from tests.distributed.world import recipe_dict, write_recipe
 
 pytest.importorskip("deepspeed")
 
-ENGINES = {"deepspeed": {"engine": "deepspeed", "options": {"zero_stage": 2}}, "fsdp2": {"engine": "fsdp2"}}
+# (distributed section, train.gradient_checkpointing): both with the student's and the discriminator's
+# activation checkpointing, as sdxl_4 ships (the replay in one process checkpoints too); the other
+# distributed tests run without it.
+ENGINES = {"deepspeed": ({"engine": "deepspeed", "options": {"zero_stage": 2}}, True),
+           "fsdp2": ({"engine": "fsdp2"}, True)}
 STEPS = 3
 
 
@@ -36,9 +42,10 @@ def merged(world, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_regulariser_slot_and_losses_match_one_process(world, merged, tmp_path, engine):
-    raw = recipe_dict(world, tmp_path / "run", teachers=3, distributed=ENGINES[engine],
+    dist, checkpointing = ENGINES[engine]
+    raw = recipe_dict(world, tmp_path / "run", teachers=3, distributed=dist,
                       model={"init_from": str(merged)}, objective={"name": "incremental"},
-                      train={"max_steps": STEPS}, log={"samples": False})
+                      train={"max_steps": STEPS, "gradient_checkpointing": checkpointing}, log={"samples": False})
     raw["teachers"] = raw["teachers"][2:]  # style2 is new; the regulariser keeps style0 and style1
     recipe = write_recipe(tmp_path / "r.yaml", raw)
     proc = launch(["incremental", str(recipe), str(tmp_path / "out")])
