@@ -122,6 +122,10 @@ class LossConfig:
                                            "discriminator", ge=0.0)
     disc_t_max: int = setting(1000, help="re-noising timesteps of the discriminator's input are drawn below this",
                               ge=1)
+    mix_share: float = setting(0.0, help="share of samples trained on a random mixture of their style and another "
+                                         "teacher's on the same rank (weight w ~ U(0,1)), supervised by the same "
+                                         "mixture of the two teachers' outputs and features; they skip the "
+                                         "adversarial loss. For gradual style mixing; 0: off", ge=0.0, le=1.0)
 
 
 @dataclass

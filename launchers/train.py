@@ -31,7 +31,7 @@ def main(argv=None) -> int:
                         help="print each rank's memory plan (models on the meta device, no weights read) and whether "
                              "it fits in --gpu-memory; train nothing")
     parser.add_argument("--gpus", type=int, default=None,
-                        help="with --dry-run: world size (default 1 for engine none, else the number of teachers)")
+                        help="with --dry-run: world size (default 1 for engine none, else the number of supervisor slots (teachers, and any the objective adds))")
     parser.add_argument("--gpu-memory", default="80GiB", help="with --dry-run: memory of each GPU, e.g. 80GiB, 24GB")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)

@@ -207,10 +207,8 @@ def test_precomputed_buckets_equal_the_images_encoded_on_the_fly(bucketed):
 
 @pytest.mark.slow
 def test_training_from_bucketed_precomputed_inputs_equals_training_from_images(bucketed, tmp_path):
-    """Three steps on batches of different shapes: identical losses and weights, bitwise. The
-    image run is fed the bucketed image stream (the trainer builds its stream without buckets
-    until `_build_data` passes them)."""
-    from dmm.data.buckets import recipe_buckets
+    """Three steps on batches of different shapes: identical losses and weights, bitwise; each run
+    reads the stream its trainer built from the recipe."""
     from dmm.train.trainer import DistillationTrainer
 
     _, raw, out, _ = bucketed
@@ -220,12 +218,7 @@ def test_training_from_bucketed_precomputed_inputs_equals_training_from_images(b
                                "loss": {"lambda_feat": 0.01, "lambda_adv": 0.1},
                                "train": {**raw["train"], "output_dir": str(tmp_path / name)}})
         trainer = DistillationTrainer(recipe)
-        stream = trainer.stream
-        if name == "images":
-            d = recipe.data
-            stream = ShardStream(d.shards, batch_size=d.batch_size, resolution=d.resolution, seed=recipe.train.seed,
-                                 shuffle_buffer=d.shuffle_buffer, buckets=recipe_buckets(recipe))
-        data = iter(stream)
+        data = iter(trainer.stream)
         batches = [next(data) for _ in range(3)]
         runs[name] = (trainer, [trainer.train_step(b) for b in batches], {tuple(b["size_ids"][0, 4:].tolist())
                                                                           for b in batches})

@@ -43,6 +43,22 @@ def with_size_ids(cond: Conditioning, time_ids: torch.Tensor | None) -> Conditio
     return Conditioning(cond.encoder_hidden_states, {**cond.added_cond_kwargs, "time_ids": time_ids})
 
 
+@dataclass
+class Mixtures:
+    """Samples trained on a mixture of two local teachers' styles (`loss.mix_share`)."""
+
+    weights: torch.Tensor  # (B, N) the student's style weights (one-hot for unmixed samples)
+    partners: dict[int, list[int]]  # partner teacher slot -> its mixed samples
+    own: torch.Tensor  # (B, 1, 1, 1) weight of each sample's own teacher (1 for unmixed)
+    mixed: torch.Tensor  # (B,) bool
+
+    def blend(self, own: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+        """own * w + partner * (1 - w) on mixed rows; own elsewhere (partner rows there are unset)."""
+        w = self.own.view(-1, *([1] * (own.dim() - 1)))
+        mask = self.mixed.view(-1, *([1] * (own.dim() - 1)))
+        return torch.where(mask, w * own + (1 - w) * partner, own)
+
+
 @OBJECTIVES.register("dmm", description="score distillation + feature imitation + multi-class adversarial loss "
                                         "(the paper's Algorithm 1)")
 class DMMObjective(Objective):
@@ -131,6 +147,42 @@ class DMMObjective(Objective):
                     feats[name][idx] = f.float()
         return out, feats
 
+    def mixtures(self, labels: torch.Tensor, groups: dict[int, list[int]]) -> Mixtures | None:
+        """`loss.mix_share`: which samples train on a mixture of their style and another local
+        teacher's, with which partner and weight (drawn from the trainer's generator, so a resumed
+        run draws the same). None when off."""
+        tr = self.trainer
+        share = tr.recipe.loss.mix_share
+        if share <= 0:
+            return None
+        n = labels.shape[0]
+        u, w = torch.rand(n, generator=tr.generator), torch.rand(n, generator=tr.generator)
+        pick = torch.randint(0, 1 << 30, (n,), generator=tr.generator)
+        slot_of = {j: i for i, rows in groups.items() for j in rows}
+        local = sorted(groups)
+        weights = torch.nn.functional.one_hot(labels.long().cpu(), len(tr.student_styles)).float()
+        own = torch.ones(n)
+        partners: dict[int, list[int]] = {}
+        count = 0
+        for j in range(n):
+            others = [i for i in local if i != slot_of.get(j)]
+            last_single = j == n - 1 and count == n - 1  # one sample stays single-style (adversarial loss)
+            if j not in slot_of or not others or u[j] >= share or last_single:
+                continue
+            count += 1
+            p = others[int(pick[j]) % len(others)]
+            partners.setdefault(p, []).append(j)
+            own[j] = w[j]
+            weights[j] = w[j] * weights[j]
+            weights[j, p] += 1 - w[j]
+        if not partners:
+            return None
+        mixed = torch.zeros(n, dtype=torch.bool)
+        for rows in partners.values():
+            mixed[rows] = True
+        dev = labels.device
+        return Mixtures(weights.to(dev), partners, own.view(-1, 1, 1, 1).to(dev), mixed.to(dev))
+
     def disc_logits(self, x0, cond: Conditioning):
         tr = self.trainer
         t = tr.randint(tr.recipe.loss.disc_t_max, x0.shape[0])
@@ -152,37 +204,53 @@ class DMMObjective(Objective):
         cond = inputs.cond
 
         teacher_out, teacher_feats = self.teacher_outputs(x_t, t, inputs, groups, want_feat, styles)
+        mix = self.mixtures(styles, groups)
+        student_styles = styles
+        if mix is not None:  # mixed samples: the same mixture of their two teachers' outputs and features
+            partner_out, partner_feats = self.teacher_outputs(x_t, t, inputs, mix.partners, want_feat, styles)
+            teacher_out = mix.blend(teacher_out, partner_out)
+            teacher_feats = {k: mix.blend(v, partner_feats[k]) for k, v in teacher_feats.items()}
+            student_styles = mix.weights
         student = tr.models["student"]
         hooks = BlockFeatures(student) if want_feat else contextlib.nullcontext()
         with tr.autocast(), hooks as recorder:
-            student_out = student(x_t, t, cond.encoder_hidden_states, class_labels=styles, **cond.unet_kwargs()).sample
+            student_out = student(x_t, t, cond.encoder_hidden_states, class_labels=student_styles,
+                                  **cond.unet_kwargs()).sample
         losses = {"score": score_distillation_loss(student_out, teacher_out)}
         losses.update(score_parts(student_out, teacher_out, groups, tr.slot_names))  # per teacher, for TensorBoard
         total = losses["score"]
         if want_feat:
             losses["feat"] = feature_imitation_loss(recorder.outputs, teacher_feats)
             total = total + r.loss.lambda_feat * losses["feat"]
-        if self.use_adv:
+        # The adversarial losses see single-style samples only (a mixture has no class).
+        keep = None if mix is None else (~mix.mixed).nonzero().flatten()
+        adv = self.use_adv and (keep is None or keep.numel() > 0)
+        if adv:
             x0_student = predict_x0(student_out, x_t, t, tr.base.alphas_cumprod, tr.base.prediction_type)
+            disc_cond, disc_styles = cond, styles
+            if keep is not None:
+                x0_student, disc_cond, disc_styles = x0_student[keep], cond.select(keep), styles[keep]
             disc = tr.models["disc"]
             disc.requires_grad_(False)
             with tr.autocast():
-                losses["gen"] = generator_loss(self.disc_logits(x0_student, cond), styles, num_styles)
+                losses["gen"] = generator_loss(self.disc_logits(x0_student, disc_cond), disc_styles, num_styles)
             disc.requires_grad_(True)
             total = total + r.loss.lambda_adv * losses["gen"]
         losses["total"] = total
         tr.check_finite(losses)
         tr.engine.backward("student", total * scale if scale != 1.0 else total)
 
-        if self.use_adv:
+        if adv:
             x0_teacher = predict_x0(teacher_out, x_t, t, tr.base.alphas_cumprod, tr.base.prediction_type)
+            if keep is not None:
+                x0_teacher = x0_teacher[keep]
             with tr.autocast():
-                fake = self.disc_logits(x0_student.detach(), cond)
-                real = self.disc_logits(x0_teacher, cond)
-                losses["disc"] = discriminator_loss(fake, real, styles, num_styles)
+                fake = self.disc_logits(x0_student.detach(), disc_cond)
+                real = self.disc_logits(x0_teacher, disc_cond)
+                losses["disc"] = discriminator_loss(fake, real, disc_styles, num_styles)
             tr.check_finite({"disc": losses["disc"]})
             tr.engine.backward("disc", losses["disc"] * scale if scale != 1.0 else losses["disc"])
         return losses
 
 
-__all__ = ["DMMObjective", "StepInputs"]
+__all__ = ["DMMObjective", "Mixtures", "StepInputs"]

@@ -46,6 +46,9 @@ class IncrementalObjective(DMMObjective):
     def check(cls, recipe, options):
         if not recipe.model.init_from:
             raise ValueError("objective incremental adds styles to a merged model: set model.init_from to its folder")
+        if recipe.loss.mix_share > 0:
+            raise ValueError("loss.mix_share is not supported by the incremental objective (a mixture with the "
+                             "regulariser's random old styles is not defined): set it to 0")
         old = check_init_from(recipe.model.init_from, recipe.model.base, None)
         clash = sorted(set(old) & set(recipe.style_names))
         if clash:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from dmm.conditioning import FrozenPipeline
 from dmm.data import DataError, ShardStream
+from dmm.data.buckets import recipe_buckets
 from dmm.data.latents import LatentStream, check_manifest
 from dmm.data.sources import source_name, writes_files
 from dmm.data.synthesize import synthesized_stream
@@ -248,7 +249,7 @@ class DistillationTrainer:
         return ShardStream(urls, batch_size=r.data.batch_size, resolution=r.data.resolution, seed=r.train.seed,
                            rank=self.engine.rank, world_size=self.engine.world_size, image_key=r.data.image_key,
                            caption_key=r.data.caption_key, shuffle_buffer=r.data.shuffle_buffer,
-                           num_workers=r.data.num_workers)
+                           num_workers=r.data.num_workers, buckets=recipe_buckets(r), bucket_crop=r.data.bucket_crop)
 
     def autocast(self):
         if self.recipe.train.mixed_precision == "bf16":
