@@ -15,7 +15,15 @@ import pytest
 import torch
 
 from dmm.recipes import load_recipe
-from dmm.train.dryrun import Activations, DryRunError, parse_memory, plan, render, supervisor_slots
+from dmm.train.dryrun import (
+    Activations,
+    DryRunError,
+    memory_parts,
+    parse_memory,
+    plan,
+    render,
+    supervisor_slots,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -66,6 +74,8 @@ def test_every_shipped_recipe_dry_runs_without_reading_weights(recipe, no_weight
     assert len(p.ranks) >= 1 and all(rp.peak > rp.resident_bytes > 0 for rp in p.ranks)
     if not Path(r.model.base).is_dir():  # the placeholder paths of the real-model recipes
         assert "standard" in p.models.source and "not on disk" in p.models.source
+    for name in memory_parts(r)["target_networks"]:  # SPLAM's: a whole fp32 student on every rank
+        assert all(_row(p, k, name) == 4 * p.models.student for k in range(gpus)) and "target forward" in text
 
 
 def test_sdxl_4_on_4_8_16_gpus(no_weights):
@@ -172,6 +182,7 @@ def test_incremental_regulariser_takes_a_slot_of_its_own(no_weights, regularizer
         assert _row(p, k, "teachers x") == (0 if k in (4, 9) else 2 * p.models.teacher)
     out = render(p)
     assert "9: previous student" in out and "supervisors held per rank" in out
+    assert "supervisor layout: 5 supervisors (4 teachers, previous student) on 10 ranks" in out
     # Layouts are sized over the 5 slots: 4 ranks cannot share them equally.
     with pytest.raises(DryRunError, match="5 teachers"):
         plan(r, 4, parse_memory("80GiB"), act=FLAT)
@@ -207,6 +218,69 @@ def test_toy_incremental_regulariser_from_the_merged_config(no_weights, tmp_path
     assert _row(p, 2, PREVIOUS) == 4 * p.models.extra[PREVIOUS] and _row(p, 2, "teachers x") == 0  # float32
     assert _row(p, 0, PREVIOUS) == 0 and _row(p, 0, "teachers x1") == 4 * p.models.teacher
     assert "2: previous student" in render(p)
+
+
+@pytest.mark.parametrize("name, gpus", [("sd15_splam", 8), ("sdxl_splam", 4), ("sdxl_splam", 8)])
+def test_splam_holds_its_target_on_every_rank_and_no_discriminator(no_weights, name, gpus):
+    """SPLAM trains the student alone (loss.lambda_adv is in the recipe but does not apply), feeds it
+    a timestep_cond (a 256 -> 320 Linear more than a dmm student), keeps a whole fp32 target on
+    every rank, forwarded without grad while the student's activations wait for backward."""
+    r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
+    assert r.loss.lambda_adv > 0 and r.optim.ema_decay == 0
+    p = plan(r, gpus, parse_memory("80GiB"))
+    m = p.models
+    # the style codebook and its MLP (as a dmm student), and the timestep_cond projection
+    assert m.student - m.teacher == len(r.style_names) * 1280 + 2 * 1280**2 + 2 * 1280 + 256 * 320
+    assert len(p.ranks) == 1 and sum(len(rp.ranks) for rp in p.ranks) == gpus
+    rp = p.ranks[0]
+    labels = [label for label, _ in rp.resident]
+    assert not any("discriminator" in label for label in labels), labels
+    assert _row(p, gpus - 1, "splam_target") == 4 * m.student
+    assert "discriminator update" not in rp.phases and p.act.features == 0 and p.act.target > 0
+    b = r.data.batch_size
+    assert rp.phases["target forward"] == rp.phases["student forward/backward"] + b * p.act.target
+    assert rp.phases["weight-average update"] == 0  # ZeRO-2: the bf16 weights are whole on every rank
+    out = render(p)
+    assert "not trained: objective splam has none" in out and "x2 per step" in out
+    assert "splam_target (target network" in out and "discriminator update" not in out
+
+
+def test_ema_decay_keeps_an_average_on_the_main_rank_only(no_weights):
+    r = load_recipe(ROOT / "recipes" / "sdxl_4.yaml", ["optim.ema_decay=0.999"])
+    p = plan(r, 8, parse_memory("80GiB"), act=FLAT)
+    plain = plan(load_recipe(ROOT / "recipes" / "sdxl_4.yaml"), 8, parse_memory("80GiB"), act=FLAT)
+    assert [rp.ranks for rp in p.ranks] == [[0], list(range(1, 8))]
+    average = 4 * p.models.student
+    assert _row(p, 0, "student weight average") == average
+    assert all(_row(p, k, "student weight average") == 0 for k in range(1, 8))
+    assert p.ranks[0].resident_bytes == plain.ranks[0].resident_bytes + average
+    assert p.ranks[1].resident_bytes == plain.ranks[0].resident_bytes
+    assert "rank 0" in render(p) and "main rank only" in render(p)
+    # Sharded weights: every rank gathers the full student for the update (the trainer's keeps_ema).
+    r.distributed.engine, r.distributed.options = "fsdp2", {}
+    q = plan(r, 8, parse_memory("80GiB"), act=FLAT)
+    gathered = 4 * q.models.student - 4 * q.models.student // 8
+    assert all(rp.phases["weight-average update"] == gathered for rp in q.ranks)
+
+
+def test_lambda_adv_0_drops_the_discriminator(no_weights):
+    p = plan(load_recipe(ROOT / "recipes" / "sdxl_4.yaml", ["loss.lambda_adv=0"]), 4, parse_memory("80GiB"), act=FLAT)
+    with_disc = plan(load_recipe(ROOT / "recipes" / "sdxl_4.yaml"), 4, parse_memory("80GiB"), act=FLAT)
+    assert not any("discriminator" in label for label, _ in p.ranks[0].resident)
+    assert "discriminator update" not in p.ranks[0].phases and "discriminator update" in with_disc.ranks[0].phases
+    assert p.peak < with_disc.peak
+    assert "(not trained: loss.lambda_adv is 0)" in render(p)
+
+
+def test_mix_share_keeps_the_partners_features_too(no_weights):
+    r = load_recipe(ROOT / "recipes" / "sd15_8.yaml", ["loss.mix_share=0.5"])
+    assert memory_parts(r)["teacher_features"] == 2
+    act = Activations(student=1, student_other=None, disc=1, disc_frozen=1, teacher=1, vae=1, features=1000,
+                      source="test")
+    mixed, single = (plan(x, 8, parse_memory("80GiB"), act=act).ranks[0]
+                     for x in (r, load_recipe(ROOT / "recipes" / "sd15_8.yaml")))
+    b = r.data.batch_size
+    assert mixed.phases["student forward/backward"] - single.phases["student forward/backward"] == 1000 * b
 
 
 @pytest.mark.parametrize("text, expected", [("80GiB", 80 * GiB), ("80 GB", 80 * 10**9), ("40960MiB", 40 * GiB),

@@ -55,6 +55,17 @@ class Objective:
         return None
 
     @classmethod
+    def memory_parts(cls, recipe: Any, options: Any) -> dict:
+        """What a step holds beyond the student, for the dry run (dmm.train.dryrun) to size without a
+        trainer: "discriminator" (trained_models has one), "teacher_features" (batch-sized copies of the
+        teachers' fp32 block outputs alive through the student's step), "teacher_calls" (no-grad calls
+        of each teacher per step, one after another), "target_networks" (names of whole fp32 copies
+        of the student that every rank holds and forwards without grad each step: emas() that are
+        called, e.g. SPLAM's)."""
+        return {"discriminator": False, "teacher_features": int(recipe.loss.lambda_feat > 0), "teacher_calls": 1,
+                "target_networks": ()}
+
+    @classmethod
     def check(cls, recipe: Any, options: Any) -> None:
         """Refuse a recipe this objective cannot run, before any model loads."""
         if recipe.model.init_from:

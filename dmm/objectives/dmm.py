@@ -66,6 +66,15 @@ class DMMObjective(Objective):
     def use_adv(self) -> bool:
         return self.trainer.recipe.loss.lambda_adv > 0
 
+    @classmethod
+    def memory_parts(cls, recipe, options) -> dict:
+        """The discriminator with the adversarial loss; with loss.mix_share the partners' block outputs
+        stay alive next to the blended ones (micro_step's partner_feats)."""
+        loss = recipe.loss
+        features = 0 if loss.lambda_feat <= 0 else (2 if loss.mix_share > 0 else 1)
+        return {**super().memory_parts(recipe, options), "discriminator": loss.lambda_adv > 0,
+                "teacher_features": features}
+
     def trained_models(self, student):
         models = {"student": student}
         if self.use_adv:

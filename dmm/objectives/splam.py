@@ -82,6 +82,13 @@ class SplamObjective(DMMObjective):
         return {"scheduler": "lcm", "num_inference_steps": options.steps, "guidance_scale": 1.0}
 
     @classmethod
+    def memory_parts(cls, recipe, options) -> dict:
+        """No discriminator (loss.lambda_adv does not apply), no teacher features, each teacher called
+        twice (cond, uncond), and the target network: a whole fp32 student on every rank (emas())."""
+        return {"discriminator": False, "teacher_features": 0, "teacher_calls": 2,
+                "target_networks": ("splam_target",)}
+
+    @classmethod
     def check(cls, recipe, options):
         if not recipe.model.init_from:
             raise ValueError("objective splam distils a merged model into a few-step one: set model.init_from to "

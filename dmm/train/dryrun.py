@@ -5,7 +5,8 @@
 Every model is built on the meta device (configs only, no weights are read). Where the recipe's
 base folder is not on disk, the standard configuration of `model.arch` (dmm.models.arch) stands
 in, and the report says so. Per rank it adds up, in bytes:
-- the trained models (student, discriminator) as the engine holds them: weights, fp32 master
+- the trained models (the student; the discriminator when the objective trains one,
+  `Objective.memory_parts`) as the engine holds them: weights, fp32 master
   weights, gradients and AdamW's two fp32 states, each divided by the world size where the
   engine shards it (DeepSpeed ZeRO 1/2/3, optional optimizer offload to the host; FSDP2), plus
   the engine's working buffers and bf16 weight copies under autocast;
@@ -13,14 +14,18 @@ in, and the report says so. Per rank it adds up, in bytes:
   slots (`Objective.slot_names`: the teachers, then e.g. the incremental objective's frozen copy of
   `model.init_from`, sized from that folder's config when it is on disk) over the ranks;
 - the frozen base parts the trainer keeps on the device (text encoders and VAE, fp32);
+- weight averages of the student, each a whole fp32 copy: the objective's target networks on every
+  rank (SPLAM's, forwarded without grad between the student's forward and backward) and
+  `optim.ema_decay`'s on the main rank only; under ZeRO-3 / FSDP2 their update gathers the full
+  student on every rank after each step;
 - activations: per-sample figures MEASURED on a CPU for the full-size SD1.5 / SDXL UNets
   (MEASURED below, with the command that made them) scaled to the recipe's latent size by the
   number of latent pixels (a line through the measured points: a per-sample constant plus a part
   proportional to the pixels). A UNet of any other shape (the toy world, tests) is small enough to
   be measured now, the same way, at the recipe's own resolution.
 A micro-step passes through phases (VAE encode, teacher forward, student forward/backward with
-the frozen discriminator, discriminator update, optimizer step); the peak is the resident part
-plus the largest phase. Everything is an estimate of the allocator's live bytes: leave headroom
+the frozen discriminator, target forward, discriminator update, optimizer step, weight-average
+update); the peak is the resident part plus the largest phase. Everything is an estimate of the allocator's live bytes: leave headroom
 for fragmentation and the CUDA context (about 1 GiB), which are not counted.
 """
 
@@ -96,6 +101,24 @@ DS_PREFETCH_BUCKET = 50_000_000
 
 class DryRunError(ValueError):
     """A dry run that cannot be made as asked; the message says what to change."""
+
+
+# What `Objective.memory_parts` may say; see its docstring.
+PARTS = ("discriminator", "teacher_features", "teacher_calls", "target_networks")
+
+
+def memory_parts(recipe: Recipe) -> dict:
+    """The recipe's objective's `memory_parts` over the base class's defaults (a plugin objective may
+    name only what differs); a key the dry run does not size is refused."""
+    from dmm.objectives import Objective, objective_class
+
+    cls, options = objective_class(recipe)
+    parts = {**Objective.memory_parts(recipe, options), **cls.memory_parts(recipe, options)}
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise DryRunError(f"objective {recipe.objective.name!r}: memory_parts names {unknown}, which the dry run "
+                          f"does not size (it knows {list(PARTS)}): add them to dmm.train.dryrun")
+    return parts
 
 
 def parse_memory(text: str) -> int:
@@ -205,6 +228,7 @@ def build_models(recipe: Recipe) -> Models:
     """Every model of the run on the meta device: student, one teacher, discriminator, frozen parts."""
     from dmm.models.discriminator import MultiClassDiscriminator
     from dmm.models.student import StyleUNet2DConditionModel
+    from dmm.objectives import student_config
 
     source, parts = _components(recipe)
     unet_cfg = parts["unet"][2]
@@ -216,7 +240,8 @@ def build_models(recipe: Recipe) -> Models:
     teacher = _meta_build(*parts["unet"])
     slots, styles, extra_cfg, where = _objective_slots(recipe, unet_cfg)
     with torch.device("meta"):
-        student = StyleUNet2DConditionModel(**unet_cfg, style_names=styles)
+        # the objective's own inputs (SPLAM's timestep_cond projection), as the trainer builds the student
+        student = StyleUNet2DConditionModel(**{**unet_cfg, **student_config(recipe)}, style_names=styles)
         disc = MultiClassDiscriminator(teacher, len(styles))
         extra = {name: _numel(StyleUNet2DConditionModel(**extra_cfg)) for name in slots[len(recipe.teachers):]}
     frozen = {name: _numel(_meta_build(*spec)) for name, spec in parts.items() if name != "unet"}
@@ -386,8 +411,9 @@ class Activations:
     disc_frozen: int
     teacher: int
     vae: int
-    features: int
+    features: int  # one batch-sized copy of the teachers' fp32 block outputs, per sample
     source: str
+    target: int = 0  # a target network's no-grad forward (the student's shape, mixed precision)
 
 
 def _status(name: str) -> int:
@@ -551,8 +577,10 @@ def activations(recipe: Recipe, models: Models) -> Activations:
     precision = "bf16" if recipe.train.mixed_precision == "bf16" else "fp32"
     teacher_precision = "bf16" if recipe.model.teacher_dtype == "bfloat16" else "fp32"
     features = 0
-    if recipe.loss.lambda_feat > 0:  # the teacher's block outputs, kept in fp32 for the whole micro-step
+    parts = memory_parts(recipe)
+    if parts["teacher_features"]:  # the teacher's block outputs, kept in fp32 for the whole micro-step
         features = 4 * sum(c * h * w for c, h, w in block_output_shapes(models.unet_config, latent).values())
+    target = bool(parts["target_networks"])
     name = models.arch.name
     if models.standard and _has_measured(name):
         notes: list[str] = []
@@ -564,6 +592,7 @@ def activations(recipe: Recipe, models: Models) -> Activations:
             teacher=_figure(name, "teacher", teacher_precision, None, latent, notes),
             vae=_figure(name, "vae", "fp32", None, latent, notes),
             features=features,
+            target=_figure(name, "teacher", precision, None, latent, notes) if target else 0,
             source=f"measured figures of the full-size {name} UNet (dmm.train.dryrun.MEASURED) scaled to the "
                    f"{latent}x{latent} latent along a line in the latent pixel count" + "".join(f"; {n}" for n in notes))
         return act
@@ -572,8 +601,12 @@ def activations(recipe: Recipe, models: Models) -> Activations:
                           "parameters, not the standard configuration) and it is too large to measure now: "
                           "measure it with benchmarks/activation_memory.py and add it to MEASURED")
     m = measure_now(recipe, models, latent, ckpt)
+    # A target network is the teachers' shape forwarded without grad: a teacher's figure, twice when
+    # the run computes in fp32 and the teachers in bf16 (the forward alone measured too small to see here).
+    widen = 2 if precision == "fp32" and teacher_precision == "bf16" else 1
     return Activations(student=m["student"], student_other=m["student_other"], disc=m["disc"],
                        disc_frozen=m["disc_frozen"], teacher=m["teacher"], vae=m["vae"], features=features,
+                       target=widen * m["teacher"] if target else 0,
                        source=f"measured now on this CPU at the {latent}x{latent} latent (a small UNet without "
                               "stored figures)")
 
@@ -647,7 +680,10 @@ def plan(recipe: Recipe, gpus: int, budget: int, *, models: Models | None = None
     held_of = ENGINE_MEMORY.get(engine, _held_none)
     options = dict(recipe.distributed.options)
     bf16 = recipe.train.mixed_precision == "bf16"
-    use_adv = recipe.loss.lambda_adv > 0
+    parts = memory_parts(recipe)
+    use_adv = parts["discriminator"]
+    targets = list(parts["target_networks"])
+    average = recipe.optim.ema_decay > 0  # optim.ema_decay: the main rank's average, for export
     student = held_of(models.student, bf16, gpus, options, models.largest_unit["student"])
     disc = None
     if use_adv:
@@ -667,16 +703,29 @@ def plan(recipe: Recipe, gpus: int, budget: int, *, models: Models | None = None
     if getattr(getattr(recipe, "perf", None), "attention", "sdpa") != "sdpa":
         notes.append("perf.attention is not sdpa: the activation figures were measured with sdpa (memory linear "
                      "in the pixels); explicit attention also holds the attention matrices, not counted here")
+    if parts["teacher_calls"] > 1:
+        notes.append(f"objective {recipe.objective.name}: each teacher is called {parts['teacher_calls']} times per "
+                     "step without grad, one after another (the transient is one call's)")
     b = recipe.data.batch_size
+    feats = parts["teacher_features"] * act.features
+    # Every rank reads the full student after each step when any average is kept (the trainer's
+    # keeps_ema): an all-gather under ZeRO-3 (its bf16/fp32 weights) and FSDP2 (fp32), on every rank.
+    gather = 0
+    if engine == "deepspeed" and int(options.get("zero_stage", 2)) == 3:
+        gather = (2 if bf16 else 4) * models.student - student.weights
+    elif engine == "fsdp2":
+        gather = 4 * models.student - student.weights
 
-    # Ranks holding the same number of teachers and the same objective supervisors need the same memory.
-    groups: dict[tuple[int, tuple[str, ...]], list[int]] = {}
+    # Ranks holding the same number of teachers and the same objective supervisors need the same
+    # memory; the main rank stands apart when it keeps optim.ema_decay's average.
+    groups: dict[tuple[int, tuple[str, ...], bool], list[int]] = {}
     for rank in range(gpus):
         held = layout.teachers_for_rank(rank)
-        key = (sum(i < n_teachers for i in held), tuple(slots[i] for i in held if i >= n_teachers))
+        key = (sum(i < n_teachers for i in held), tuple(slots[i] for i in held if i >= n_teachers),
+               average and rank == 0)
         groups.setdefault(key, []).append(rank)
     ranks = []
-    for (count, own), members in groups.items():
+    for (count, own, main), members in groups.items():
         teachers = range(count)
         resident = [(f"student weights ({student.notes[0]})", student.weights)]
         if student.master:
@@ -696,25 +745,44 @@ def plan(recipe: Recipe, gpus: int, budget: int, *, models: Models | None = None
             resident.append((f"{name} (frozen supervisor of the objective, {recipe.model.teacher_dtype})",
                              tbytes * models.extra[name]))
         resident.append((f"frozen base parts ({', '.join(models.frozen) or 'none'}; fp32)", frozen))
+        for name in targets:  # the objective's target networks (emas() called in forward), every rank
+            resident.append((f"{name} (target network: the student whole, fp32, every rank)", 4 * models.student))
+        if main:
+            resident.append(("student weight average (optim.ema_decay: the student whole, fp32, main rank only)",
+                             4 * models.student))
         g_s = student.grads
         g_d = disc.grads if disc else 0
         prev = g_s + g_d if accum > 1 else 0
         mp = student.mp_copies + (disc.mp_copies if disc else 0)
+        student_phase = prev + mp + student.working + b * (feats + act.student + (act.disc_frozen if disc else 0))
         phases = {
             "VAE encode": prev + (0 if precomputed else b * act.vae),
-            "teacher forward": prev + b * (act.features + act.teacher),
-            "student forward/backward": prev + mp + student.working
-            + b * (act.features + act.student + (act.disc_frozen if disc else 0)),
-            "optimizer step": g_s + g_d + max(h.step_temp + h.step_extra for h in (student, disc) if h),
+            "teacher forward": prev + b * (feats + act.teacher),
+            "student forward/backward": student_phase,
         }
+        if targets:  # between the student's forward and its backward: its saved activations are alive
+            phases["target forward"] = student_phase + b * act.target
         if disc is not None:
             phases["discriminator update"] = (g_s + (g_d if accum > 1 else 0) + disc.mp_copies + disc.working
-                                              + b * (act.features + 2 * act.disc))
+                                              + b * (feats + 2 * act.disc))
+        phases["optimizer step"] = g_s + g_d + max(h.step_temp + h.step_extra for h in (student, disc) if h)
+        if targets or average:  # every rank reads the full student (the trainer's keeps_ema)
+            phases["weight-average update"] = gather
         ranks.append(RankPlan(ranks=members, teachers={m: [slots[i] for i in layout.teachers_for_rank(m)]
                                                        for m in members},
                               resident=resident, phases=phases, host=student.host + (disc.host if disc else 0)))
     return Plan(recipe=recipe, gpus=gpus, budget=budget, models=models, act=act, ranks=ranks,
-                layout=layout.describe(), notes=notes, device=device)
+                layout=_layout_text(layout, slots, n_teachers), notes=notes, device=device)
+
+
+def _layout_text(layout: TeacherLayout, slots: list[str], n_teachers: int) -> str:
+    """The layout's description, its slots called supervisors when the objective adds its own."""
+    text = layout.describe()
+    if len(slots) == n_teachers:
+        return text
+    own = ", ".join(slots[n_teachers:])
+    return (text.replace(f"{len(slots)} teachers", f"{len(slots)} supervisors ({n_teachers} teachers, {own})", 1)
+            .replace("uses teacher", "uses supervisor"))
 
 
 def _fused_adamw(recipe: Recipe, device: str) -> bool:
@@ -812,6 +880,7 @@ def _rank_label(ranks: list[int]) -> str:
 
 def render(p: Plan) -> str:
     r = p.recipe
+    parts = memory_parts(r)
     engine = r.distributed.engine
     opts = ", ".join(f"{k}={v}" for k, v in r.distributed.options.items())
     lines = [f"dry run of {r.name}: {p.gpus} GPU(s) of {fmt(p.budget)}; engine {engine}"
@@ -823,18 +892,25 @@ def render(p: Plan) -> str:
              f"models ({p.models.arch.name}): {p.models.source}",
              f"  student {p.models.student / 1e6:.1f}M parameters, teacher {p.models.teacher / 1e6:.1f}M, "
              f"discriminator {p.models.disc / 1e6:.1f}M"
-             + (" (unused: loss.lambda_adv is 0)" if r.loss.lambda_adv == 0 else "")
+             + ("" if parts["discriminator"] else " (not trained: " + (
+                 "loss.lambda_adv is 0)" if r.loss.lambda_adv == 0 else f"objective {r.objective.name} has none)"))
              + "".join(f", {k} {v / 1e6:.1f}M" for k, v in p.models.frozen.items()),
-             f"teacher layout: {p.layout}",
+             f"{'supervisor' if p.models.extra else 'teacher'} layout: {p.layout}",
              *(f"note: {n}" for n in p.notes[1:])]
     a = p.act
     ck = "with" if r.train.gradient_checkpointing else "without"
     other = "without" if r.train.gradient_checkpointing else "with"
     other_figure = "not measured" if a.student_other is None else fmt(a.student_other)
-    lines.append(f"per sample: student {fmt(a.student)} ({ck} gradient checkpointing; {other_figure} "
-                 f"{other}), discriminator update {fmt(a.disc)}, generator-loss pass {fmt(a.disc_frozen)} "
-                 f"(both {ck} it), "
-                 f"teacher forward {fmt(a.teacher)}, teacher features {fmt(a.features)}, VAE encode {fmt(a.vae)}")
+    calls = parts["teacher_calls"]
+    lines.append(f"per sample: student {fmt(a.student)} ({ck} gradient checkpointing; {other_figure} {other}), "
+                 + (f"discriminator update {fmt(a.disc)}, generator-loss pass {fmt(a.disc_frozen)} (both {ck} it), "
+                    if parts["discriminator"] else "")
+                 + f"teacher forward {fmt(a.teacher)}" + (f" (x{calls} per step, one after another)" if calls > 1 else "")
+                 + (f", teacher features {fmt(a.features)}" + (f" x{parts['teacher_features']}"
+                                                               if parts["teacher_features"] > 1 else "")
+                    if parts["teacher_features"] else "")
+                 + (f", target forward {fmt(a.target)} (no grad, on top of the student's)" if a.target else "")
+                 + f", VAE encode {fmt(a.vae)}")
     header = [_rank_label(rp.ranks) for rp in p.ranks]
     rows: list[tuple[str, list[str]]] = []
     labels: list[str] = []  # every rank's rows; a new one after its predecessor and other ranks' rows there
