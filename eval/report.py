@@ -227,6 +227,8 @@ def write_markdown(path, report: dict) -> Path:
         f"- samples per set: {st['num_samples']}, resolution {report.get('resolution')}, "
         f"sampler {st['sampling']['scheduler']} {st['sampling']['steps']} steps, CFG {st['sampling']['guidance_scale']}",
         f"- negative prompt: `{st['sampling']['negative_prompt']}` (settings: {st.get('sampling_source', 'given')})",
+        *([f"- the merged model samples as its export records (teachers as above): {ms.get('scheduler')} "
+           f"{ms.get('num_inference_steps')} steps, guidance {ms.get('guidance_scale')}"] if (ms := st.get("merged_sampling")) else []),
         f"- seeds: {st['seeds']}",
         f"- prompts: {st['prompts']['source']} ({st['prompts']['count']} distinct)",
         f"- FID features: {json.dumps(report['features'])}",

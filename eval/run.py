@@ -23,7 +23,7 @@ import numpy as np
 from dmm.registry import load_plugin
 from eval.features import ToyWorldFeatures, build_feature_extractor
 from eval.fid import FeatureStats, fid_matrix, fid_trace
-from eval.generate import GenerationCache, ImageSet, ProgressBars, atomic_write_text, generate_sets
+from eval.generate import GenerationCache, ImageSet, ProgressBars, atomic_write_text, generate_sets, merged_sampling
 from eval.metrics import MetricContext, prepare_metrics, score_sets, style_accuracy
 from eval.plan import Plan, SuiteConfig, make_plan, recipe_toyworld, teachers_from_recipe
 from eval.report import (
@@ -192,6 +192,7 @@ def run_suite(cfg: SuiteConfig) -> dict:
                         "sha256": hashlib.sha256("\n".join(plan.prompts).encode()).hexdigest()},
             "sampling": asdict(plan.sampling),
             "sampling_source": plan.sampling_source,
+            "merged_sampling": merged_sampling(cfg.merged),  # a few-step export's own (None: the suite's)
             "metrics": [mt.name for mt in metrics],
             "plugins": list(cfg.plugins),
         },

@@ -71,11 +71,12 @@ class Engine(ABC):
         right keys and shapes, for formats that need one."""
 
     @contextlib.contextmanager
-    def full_params(self, which: str) -> Iterator[dict[str, torch.Tensor]]:
-        """The current unsharded parameters of a trained model, on EVERY rank, for as long as the
-        context lasts (collective in sharded engines: every rank enters it). Read-only: an EMA of the
-        weights reads them here after each optimizer step."""
-        yield {n: p.detach() for n, p in self.models[which].named_parameters()}
+    def full_params(self, which: str) -> Iterator[Iterator[tuple[str, torch.Tensor]]]:
+        """The current unsharded parameters of a trained model as (name, tensor) pairs, on EVERY rank
+        (collective in sharded engines: every rank walks all of them, in order; each tensor is valid
+        until the next one is read, as a sharded engine gathers them one at a time). Read-only: a
+        weight average reads them here after each optimizer step."""
+        yield ((n, p.detach()) for n, p in self.models[which].named_parameters())
 
     def barrier(self) -> None:
         pass

@@ -195,11 +195,16 @@ class DeepSpeedEngine(ProcessGroupCollectives, Engine):
     @contextlib.contextmanager
     def full_params(self, which: str):
         module = self.engines[which].module
-        params = dict(module.named_parameters())
-        gather = self.deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None) \
-            if self.stage == 3 and which == "student" else contextlib.nullcontext()
-        with gather:
-            yield {n: p.detach() for n, p in params.items()}
+        if self.stage != 3 or which != "student":
+            yield ((n, p.detach()) for n, p in module.named_parameters())
+            return
+
+        def gathered():  # ZeRO-3: one parameter gathered at a time
+            for n, p in module.named_parameters():
+                with self.deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    yield n, p.detach()
+
+        yield gathered()
 
     def local_numel(self, which: str) -> tuple[int, int]:
         """(parameters held by this rank, parameters of the whole model)."""

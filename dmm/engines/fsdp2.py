@@ -120,9 +120,9 @@ class FSDP2Engine(ProcessGroupCollectives, TorchOptimizerEngine):
 
     @contextlib.contextmanager
     def full_params(self, which: str):
-        """Each DTensor parameter all-gathered (the same order on every rank)."""
-        yield {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach()
-               for n, p in self.models[which].named_parameters()}
+        """Each DTensor parameter all-gathered when read (one at a time, the same order on every rank)."""
+        yield ((n, (p.full_tensor() if isinstance(p, DTensor) else p).detach())
+               for n, p in self.models[which].named_parameters())
 
     def local_numel(self, which: str) -> tuple[int, int]:
         total = local = 0

@@ -10,7 +10,9 @@ checkpoint as one safetensors file, written by the main rank, read by every rank
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Union
 
 import torch
 from safetensors.torch import load_file
@@ -18,6 +20,12 @@ from safetensors.torch import load_file
 from dmm.io import atomic_save_safetensors
 
 EMA_FILE = "ema-{name}.safetensors"
+Params = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
+
+
+def pairs(params: Params) -> Iterable[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of a mapping, or the pairs themselves (possibly lazy: gathered one by one)."""
+    return params.items() if isinstance(params, Mapping) else params
 
 
 class WeightEMA:
@@ -32,25 +40,46 @@ class WeightEMA:
         self.name, self.decay = name, decay
         self.shadow = shadow
 
-    def start(self, params: dict[str, torch.Tensor]) -> None:
+    def start(self, params: Params) -> None:
         """Begin at the student's current weights."""
+        fresh = self.begin()
+        names = []
+        for k, v in pairs(params):
+            names.append(k)
+            self.start_one(k, v, fresh)
+        self.check_names(names)
+
+    def begin(self) -> bool:
+        """Before `start_one` calls: True when the average is new (made from the parameters it is given)."""
         if self.shadow is None:
-            self.shadow = {k: v.detach().float().clone() for k, v in params.items()}
-            return
-        self._check(params)
-        with torch.no_grad():
-            for k, v in params.items():
-                self.shadow[k].copy_(v)
+            self.shadow = {}
+            return True
+        return False
 
     @torch.no_grad()
-    def update(self, params: dict[str, torch.Tensor]) -> None:
-        self._check(params)
-        for k, v in params.items():
-            self.shadow[k].lerp_(v.to(self.shadow[k].dtype), 1.0 - self.decay)
+    def start_one(self, name: str, value: torch.Tensor, fresh: bool) -> None:
+        if fresh:
+            self.shadow[name] = value.detach().float().clone()
+        elif name in self.shadow:
+            self.shadow[name].copy_(value)
 
-    def _check(self, params: dict[str, torch.Tensor]) -> None:
-        if set(params) != set(self.shadow):
-            missing, extra = sorted(set(self.shadow) - set(params)), sorted(set(params) - set(self.shadow))
+    @torch.no_grad()
+    def update(self, params: Params) -> None:
+        names = []
+        for k, v in pairs(params):
+            names.append(k)
+            self.update_one(k, v)
+        self.check_names(names)
+
+    @torch.no_grad()
+    def update_one(self, name: str, value: torch.Tensor) -> None:
+        """One parameter (a sharded engine gathers them one at a time); `check_names` after the last."""
+        if name in self.shadow:
+            self.shadow[name].lerp_(value.to(self.shadow[name].dtype), 1.0 - self.decay)
+
+    def check_names(self, names) -> None:
+        if set(names) != set(self.shadow):
+            missing, extra = sorted(set(self.shadow) - set(names)), sorted(set(names) - set(self.shadow))
             raise ValueError(f"EMA {self.name}: the student's parameters do not match the average's "
                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
 
@@ -69,7 +98,7 @@ class WeightEMA:
         if self.shadow is None:
             self.shadow = state
             return
-        self._check(state)
+        self.check_names(state)
         with torch.no_grad():
             for k, v in state.items():
                 self.shadow[k].copy_(v)

@@ -180,17 +180,31 @@ class DistillationTrainer:
             emas["student"] = WeightEMA("student", self.recipe.optim.ema_decay)
         # The same on every rank: whether this step reads the full parameters (a collective when sharded).
         self.keeps_ema = self.recipe.optim.ema_decay > 0 or bool(emas)
-        if self.keeps_ema:
+        if self.keeps_ema:  # every rank walks the parameters (a gather when sharded), one at a time
+            fresh = {key: ema.begin() for key, ema in emas.items()}
+            names = []
             with self.engine.full_params("student") as params:
-                for ema in emas.values():
-                    ema.start(params)
+                for name, value in params:
+                    names.append(name)
+                    for key, ema in emas.items():
+                        ema.start_one(name, value, fresh[key])
+            for ema in emas.values():
+                ema.check_names(names)
         return emas
 
     def _update_emas(self) -> None:
-        if self.keeps_ema:
-            with self.engine.full_params("student") as params:
+        """Every rank walks the parameters (a sharded engine gathers them one at a time, so the
+        transient is one parameter, not the model); the ranks holding an average update it."""
+        if not self.keeps_ema:
+            return
+        names = []
+        with self.engine.full_params("student") as params:
+            for name, value in params:
+                names.append(name)
                 for ema in self.emas.values():
-                    ema.update(params)
+                    ema.update_one(name, value)
+        for ema in self.emas.values():
+            ema.check_names(names)
 
     def _optimizer(self, which: str, model: torch.nn.Module) -> torch.optim.Optimizer:
         o = self.recipe.optim
