@@ -16,8 +16,8 @@ in, and the report says so. Per rank it adds up, in bytes:
 - the frozen base parts the trainer keeps on the device (text encoders and VAE, fp32);
 - weight averages of the student, each a whole fp32 copy: the objective's target networks on every
   rank (SPLAM's, forwarded without grad between the student's forward and backward) and
-  `optim.ema_decay`'s on the main rank only; under ZeRO-3 / FSDP2 their update gathers the full
-  student on every rank after each step;
+  `optim.ema_decay`'s on the main rank only; under ZeRO-3 / FSDP2 their update gathers the
+  student on every rank after each step, one parameter at a time;
 - activations: per-sample figures MEASURED on a CPU for the full-size SD1.5 / SDXL UNets
   (MEASURED below, with the command that made them) scaled to the recipe's latent size by the
   number of latent pixels (a line through the measured points: a per-sample constant plus a part
@@ -158,6 +158,7 @@ class Models:
     standard: bool  # the full-size SD1.5/SDXL UNet (measured figures apply)
     slots: list[str] = field(default_factory=list)  # the supervisors the layout distributes (objective.slot_names)
     extra: dict[str, int] = field(default_factory=dict)  # the objective's own supervisors beyond the teachers
+    largest_param: int = 0  # the student's largest parameter (a weight average gathers one at a time)
 
 
 def _class(library: str, name: str):
@@ -251,7 +252,8 @@ def build_models(recipe: Recipe) -> Models:
                   student=_numel(student), teacher=_numel(teacher), disc=_numel(disc), frozen=frozen,
                   largest_unit={"student": max(_numel(b) for b in feature_blocks(student).values()),
                                 "disc": max(_numel(b) for b in feature_blocks(disc.encoder).values())},
-                  standard=_is_standard(arch, unet_cfg), slots=slots, extra=extra)
+                  standard=_is_standard(arch, unet_cfg), slots=slots, extra=extra,
+                  largest_param=max(p.numel() for p in student.parameters()))
 
 
 def supervisor_slots(recipe: Recipe) -> list[str]:
@@ -709,12 +711,13 @@ def plan(recipe: Recipe, gpus: int, budget: int, *, models: Models | None = None
     b = recipe.data.batch_size
     feats = parts["teacher_features"] * act.features
     # Every rank reads the full student after each step when any average is kept (the trainer's
-    # keeps_ema): an all-gather under ZeRO-3 (its bf16/fp32 weights) and FSDP2 (fp32), on every rank.
+    # keeps_ema): under ZeRO-3 (its bf16/fp32 weights) and FSDP2 (fp32) one parameter is gathered
+    # at a time, on every rank, so the transient is the largest parameter.
     gather = 0
     if engine == "deepspeed" and int(options.get("zero_stage", 2)) == 3:
-        gather = (2 if bf16 else 4) * models.student - student.weights
+        gather = (2 if bf16 else 4) * models.largest_param
     elif engine == "fsdp2":
-        gather = 4 * models.student - student.weights
+        gather = 4 * models.largest_param
 
     # Ranks holding the same number of teachers and the same objective supervisors need the same
     # memory; the main rank stands apart when it keeps optim.ema_decay's average.
