@@ -169,7 +169,9 @@ class DMMObjective(Objective):
         pick = torch.randint(0, 1 << 30, (n,), generator=tr.generator)
         slot_of = {j: i for i, rows in groups.items() for j in rows}
         local = sorted(groups)
-        weights = torch.nn.functional.one_hot(labels.long().cpu(), len(tr.student_styles)).float()
+        weights = torch.zeros(n, len(tr.student_styles))  # from the host-side groups: no device read
+        for j, i in slot_of.items():
+            weights[j, i] = 1.0
         own = torch.ones(n)
         partners: dict[int, list[int]] = {}
         count = 0
