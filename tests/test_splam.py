@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from dmm.losses import pseudo_huber_loss
 from dmm.models.student import StyleUNet2DConditionModel
-from dmm.objectives.splam import gamma_embedding, sub_path
+from dmm.diffusion import predict_x0
+from dmm.objectives.splam import decode_x0, gamma_embedding, sub_path
 from dmm.pipeline import generate, load_merged
 from dmm.recipes import parse_recipe
 from dmm.testing import tiny_recipe_dict
@@ -56,6 +57,25 @@ def test_sub_path_endpoints_decode_the_clean_latent():
         point, sigma = sub_path(z, x_prev, torch.full((2,), gamma), a_s, a_e)
         torch.testing.assert_close(sigma.expand(2, 1, 1, 1), expected_sigma.expand(2, 1, 1, 1))
         torch.testing.assert_close((point - sigma * eps) / a_s, x0)  # the true noise decodes x0 exactly
+
+
+def test_v_prediction_decoding_is_exact_and_finite_at_zero_signal():
+    torch.manual_seed(0)
+    x0, eps = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    for a_s, sigma in ((0.6, 0.5), (0.6, 0.8), (1e-5, 0.7)):
+        a, s = torch.tensor(a_s).view(1, 1, 1, 1), torch.tensor(sigma).view(1, 1, 1, 1)
+        point = a * x0 + s * eps
+        tau = (a ** 2 + s ** 2).sqrt()
+        v = (a * eps - s * x0) / tau  # the true v of the point rescaled to unit variance
+        got = decode_x0(v, point, s, a, "v_prediction")
+        torch.testing.assert_close(got, x0, atol=1e-5, rtol=1e-5)
+        assert torch.isfinite(decode_x0(torch.randn_like(v), point, s, a, "v_prediction")).all()
+    # gamma = 1 (sigma = s_t, a unit-variance point) is the usual a x - s v
+    abar = torch.tensor([0.36])
+    a, s = abar.sqrt().view(1, 1, 1, 1), (1 - abar).sqrt().view(1, 1, 1, 1)
+    x, out = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(decode_x0(out, x, s, a, "v_prediction"),
+                               predict_x0(out, x, torch.zeros(2, dtype=torch.long), abar, "v_prediction"))
 
 
 def test_grown_student_starts_as_the_merged_model(merged):

@@ -15,8 +15,10 @@ gamma enters `timestep_cond` as diffusers' guidance-scale embedding of (1 - gamm
 pipeline passes the embedding of (guidance_scale - 1), so sampling with the LCM scheduler at
 guidance 1 asks for gamma = 1, the plain consistency-model input the target was trained with.
 The new `time_embedding.cond_proj` layer starts at zero, so the student starts as the merged model.
-On a v-prediction base (the toy world's) every output is read as noise at the timestep it was
-asked for (eps = s_t x + a_t v), then decoded as above; at gamma = 1 that is the usual x0 = a_t x - s_t v.
+On a v-prediction base (the toy world's) the teacher step and the target decode x0 the usual way
+(a x - s v) and the student's sub-path point is read after rescaling it to unit variance
+(`decode_x0`): dividing by a_s, as the epsilon form does, blows up where a cosine schedule's
+signal is ~0 (the toy's alphas_cumprod at t = 999 is 2e-9).
 The teachers are the recipe's (one per style, the same as the merged model's), laid out as in `dmm`;
 the recipe's `loss` section (the dmm weights) does not apply, and there is no discriminator.
 """
@@ -30,7 +32,7 @@ from typing import Literal
 import torch
 from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-from dmm.diffusion import add_noise, convert_prediction
+from dmm.diffusion import add_noise, predict_eps, predict_x0
 from dmm.losses.consistency import pseudo_huber_loss
 from dmm.models.ema import WeightEMA
 from dmm.models.student import StyleUNet2DConditionModel
@@ -67,6 +69,21 @@ def sub_path(z, x_prev, gamma, a_s, a_e):
     point = g * z + (1 - g) * x_prev * ratio
     sigma = ((s_e * ratio) ** 2 + g ** 2 * (1 - ratio ** 2)).clamp(min=0).sqrt()
     return point, sigma
+
+
+def decode_x0(output: torch.Tensor, point: torch.Tensor, sigma: torch.Tensor, a_s: torch.Tensor,
+              prediction_type: str) -> torch.Tensor:
+    """The clean latent a student output implies at a sub-path point (signal a_s, noise sigma).
+    epsilon: (point - sigma eps) / a_s, as SPLAM. v_prediction: v read on the point rescaled to unit
+    variance, x0 = a_s point / tau^2 - (sigma / tau) v with tau^2 = a_s^2 + sigma^2; that is the usual
+    a x - s v at gamma = 1, and stays finite where a_s is ~0 (a cosine schedule's last steps), where
+    dividing by a_s does not."""
+    if prediction_type == "epsilon":
+        return (point - sigma * output) / a_s
+    if prediction_type == "v_prediction":
+        tau2 = a_s ** 2 + sigma ** 2
+        return a_s * point / tau2 - sigma / tau2.sqrt() * output
+    raise NotImplementedError(f"objective splam: no sub-path decoding for {prediction_type!r} outputs")
 
 
 @OBJECTIVES.register("splam", options=SplamOptions,
@@ -136,11 +153,6 @@ class SplamObjective(DMMObjective):
         c_out = torch.tensor([p[1] for p in pairs], dtype=torch.float32)
         return c_skip.view(-1, 1, 1, 1).to(t.device), c_out.view(-1, 1, 1, 1).to(t.device)
 
-    def _eps(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """A model output as noise, read at timestep t (a v-prediction base's v: eps = s_t x + a_t v)."""
-        base = self.trainer.base
-        return convert_prediction(output, x, t, base.alphas_cumprod, base.prediction_type, "epsilon")
-
     def micro_step(self, batch, styles, scale, groups):
         tr, o = self.trainer, self.options
         labels = self.class_labels(styles)
@@ -158,30 +170,28 @@ class SplamObjective(DMMObjective):
         a_s, a_e = abar[start].sqrt().view(-1, 1, 1, 1), abar[end].sqrt().view(-1, 1, 1, 1)
         s_e = (1 - abar[end]).sqrt().view(-1, 1, 1, 1)
 
+        ptype, ab = tr.base.prediction_type, tr.base.alphas_cumprod
         with torch.no_grad():  # the teacher's DDIM step z (t_{n+k}) -> x_prev (t_n), with fixed guidance
-            eps_c = self._eps(self.teacher_outputs(z, start, inputs, groups, False, labels)[0], z, start)
-            eps_u = self._eps(self.teacher_outputs(z, start, empty, groups, False, labels)[0], z, start)
-            eps = eps_c + o.guidance * (eps_c - eps_u)
-            x0_teacher = (z - (1 - a_s ** 2).sqrt() * eps) / a_s
-            x_prev = a_e * x0_teacher + s_e * eps
+            out_c = self.teacher_outputs(z, start, inputs, groups, False, labels)[0]
+            out_u = self.teacher_outputs(z, start, empty, groups, False, labels)[0]
+            guided = out_c + o.guidance * (out_c - out_u)  # linear in the output: the same in eps or v terms
+            x_prev = a_e * predict_x0(guided, z, start, ab, ptype) + s_e * predict_eps(guided, z, start, ab, ptype)
 
         student_in, sigma = sub_path(z, x_prev, gamma, a_s, a_e)
         emb = gamma_embedding(gamma, o.cond_dim).to(tr.device)
         student = tr.models["student"]
         with tr.autocast():
-            eps_student = student(student_in, start, cond.encoder_hidden_states, class_labels=labels,
-                                  timestep_cond=emb, **cond.unet_kwargs()).sample.float()
-        eps_student = self._eps(eps_student, student_in, start)
+            out_s = student(student_in, start, cond.encoder_hidden_states, class_labels=labels,
+                            timestep_cond=emb, **cond.unet_kwargs()).sample.float()
         c_skip, c_out = self._scalings(start)
-        pred = c_skip * student_in + c_out * (student_in - sigma * eps_student) / a_s
+        pred = c_skip * student_in + c_out * decode_x0(out_s, student_in, sigma, a_s, ptype)
 
         with torch.no_grad(), tr.autocast():
             one = gamma_embedding(torch.ones(n), o.cond_dim).to(tr.device)
-            eps_target = self._target(x_prev, end, cond.encoder_hidden_states, class_labels=labels,
-                                      timestep_cond=one, **cond.unet_kwargs()).sample.float()
-            eps_target = self._eps(eps_target, x_prev, end)
+            out_t = self._target(x_prev, end, cond.encoder_hidden_states, class_labels=labels,
+                                 timestep_cond=one, **cond.unet_kwargs()).sample.float()
         c_skip_e, c_out_e = self._scalings(end)
-        target = c_skip_e * x_prev + c_out_e * (x_prev - s_e * eps_target) / a_e
+        target = c_skip_e * x_prev + c_out_e * predict_x0(out_t, x_prev, end, ab, ptype)
 
         if o.loss == "huber":
             loss = pseudo_huber_loss(pred, target, o.huber_c)
@@ -193,4 +203,4 @@ class SplamObjective(DMMObjective):
         return losses
 
 
-__all__ = ["SplamObjective", "SplamOptions", "gamma_embedding", "sub_path"]
+__all__ = ["SplamObjective", "SplamOptions", "decode_x0", "gamma_embedding", "sub_path"]
