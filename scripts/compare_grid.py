@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from eval.generate import model_fingerprint
+
 
 def sets(cache: Path) -> list[tuple[dict, Path]]:
     out = []
@@ -28,9 +30,10 @@ def sets(cache: Path) -> list[tuple[dict, Path]]:
 
 
 def find(found, model: Path, style: str | None, kind: str) -> Path:
-    model = str(model.resolve())
+    """The cached set of the folder as it is now (a retrained folder has another fingerprint)."""
+    fingerprint, model = model_fingerprint(str(model)), str(model.resolve())
     hits = [f for meta, f in found if meta.get("model") == model and meta.get("kind") == kind
-            and (kind != "merged" or meta.get("style") == style)]
+            and meta.get("model_fingerprint") == fingerprint and (kind != "merged" or meta.get("style") == style)]
     if not hits:
         raise SystemExit(f"no cached {kind} set of {model} (style {style}) in the cache: run the eval suite first")
     return max(hits, key=lambda f: len(list(f.glob("*.png"))))
