@@ -42,38 +42,29 @@ class WeightEMA:
 
     def start(self, params: Params) -> None:
         """Begin at the student's current weights."""
-        fresh = self.begin()
-        names = []
-        for k, v in pairs(params):
-            names.append(k)
-            self.start_one(k, v, fresh)
-        self.check_names(names)
+        self.begin()
+        walk([self], params, WeightEMA.start_one)
 
-    def begin(self) -> bool:
-        """Before `start_one` calls: True when the average is new (made from the parameters it is given)."""
-        if self.shadow is None:
+    def begin(self) -> None:
+        """Before `start_one` calls: a new average is made from the parameters it is given, an
+        existing one (a target network's parameters) is overwritten with them."""
+        self._fresh = self.shadow is None
+        if self._fresh:
             self.shadow = {}
-            return True
-        return False
 
     @torch.no_grad()
-    def start_one(self, name: str, value: torch.Tensor, fresh: bool) -> None:
-        if fresh:
+    def start_one(self, name: str, value: torch.Tensor) -> None:
+        if self._fresh:
             self.shadow[name] = value.detach().float().clone()
         elif name in self.shadow:
             self.shadow[name].copy_(value)
 
-    @torch.no_grad()
     def update(self, params: Params) -> None:
-        names = []
-        for k, v in pairs(params):
-            names.append(k)
-            self.update_one(k, v)
-        self.check_names(names)
+        walk([self], params, WeightEMA.update_one)
 
     @torch.no_grad()
     def update_one(self, name: str, value: torch.Tensor) -> None:
-        """One parameter (a sharded engine gathers them one at a time); `check_names` after the last."""
+        """One parameter (a sharded engine gathers them one at a time)."""
         if name in self.shadow:
             self.shadow[name].lerp_(value.to(self.shadow[name].dtype), 1.0 - self.decay)
 
@@ -104,10 +95,22 @@ class WeightEMA:
                 self.shadow[k].copy_(v)
 
 
+def walk(emas, params: Params, step) -> None:
+    """`step(ema, name, value)` for every parameter and average, reading each parameter once (a
+    sharded engine's gather), then check that every average saw exactly its own names."""
+    names = []
+    for name, value in pairs(params):
+        names.append(name)
+        for ema in emas:
+            step(ema, name, value)
+    for ema in emas:
+        ema.check_names(names)
+
+
 def ema_state(checkpoint: Path, name: str = "student") -> dict[str, torch.Tensor] | None:
     """A checkpoint's average of that name, or None when it keeps none."""
     path = Path(checkpoint) / EMA_FILE.format(name=name)
     return load_file(str(path)) if path.is_file() else None
 
 
-__all__ = ["EMA_FILE", "WeightEMA", "ema_state"]
+__all__ = ["EMA_FILE", "WeightEMA", "ema_state", "walk"]

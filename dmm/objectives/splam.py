@@ -131,8 +131,14 @@ class SplamObjective(DMMObjective):
         super().__init__(trainer, options)
         num = trainer.base.num_train_timesteps
         self.k = num // options.ddim_steps
-        self.grid = torch.arange(1, options.ddim_steps + 1) * self.k - 1  # t_{n+k}: 19, 39, ..., 999 for 50 of 1000
-        self.lcm = LCMScheduler.from_config(trainer.base.pipe.scheduler.config)
+        device = trainer.device
+        # t_{n+k}: 19, 39, ..., 999 for 50 of 1000; on the device, so a step indexes it without a host sync
+        self.grid = (torch.arange(1, options.ddim_steps + 1) * self.k - 1).to(device)
+        # The LCM scheduler's boundary scalings (what sampling uses) for every timestep, computed once.
+        lcm = LCMScheduler.from_config(trainer.base.pipe.scheduler.config)
+        table = torch.tensor([lcm.get_scalings_for_boundary_condition_discrete(t) for t in range(num)],
+                             dtype=torch.float32)
+        self.c_skip, self.c_out = table[:, 0].to(device), table[:, 1].to(device)
         self._target = None
 
     def emas(self):
@@ -148,10 +154,7 @@ class SplamObjective(DMMObjective):
         return {"student": student}
 
     def _scalings(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [self.lcm.get_scalings_for_boundary_condition_discrete(int(s)) for s in t.tolist()]
-        c_skip = torch.tensor([p[0] for p in pairs], dtype=torch.float32)
-        c_out = torch.tensor([p[1] for p in pairs], dtype=torch.float32)
-        return c_skip.view(-1, 1, 1, 1).to(t.device), c_out.view(-1, 1, 1, 1).to(t.device)
+        return self.c_skip[t].view(-1, 1, 1, 1), self.c_out[t].view(-1, 1, 1, 1)
 
     def micro_step(self, batch, styles, scale, groups):
         tr, o = self.trainer, self.options
@@ -161,7 +164,7 @@ class SplamObjective(DMMObjective):
         empty = self.conditioned(batch, latents, [""] * latents.shape[0])
         cond = inputs.cond
         n = latents.shape[0]
-        start = self.grid[tr.randint(len(self.grid), n).cpu()].to(tr.device)  # t_{n+k}
+        start = self.grid[tr.randint(len(self.grid), n)]  # t_{n+k}
         end = (start - self.k).clamp(min=0)  # t_n
         noise = tr.randn(latents.shape)
         z = add_noise(latents, noise, start, tr.base.alphas_cumprod)

@@ -74,10 +74,10 @@ def checkpoint_student_state(checkpoint: Path, recipe: dict) -> dict[str, torch.
     from dmm.engines import engine_holding
 
     names = recipe_student_styles(recipe)
+    cls, options = recipe_objective(recipe)
     return engine_holding(checkpoint, "student").consolidate(
         checkpoint, "student",
-        lambda: build_student(recipe["model"]["base"], names, None, recipe_objective(recipe)[0].student_config(
-            recipe_objective(recipe)[1])).state_dict())
+        lambda: build_student(recipe["model"]["base"], names, None, cls.student_config(options)).state_dict())
 
 
 def export_from_checkpoint(checkpoint: str | Path, out: str | Path, base: str | Path | None = None,

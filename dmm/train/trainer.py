@@ -34,7 +34,7 @@ from dmm.recipes import Recipe
 from dmm.registry import get_registry
 from dmm.teachers import check_teacher_paths, load_teacher
 from dmm.train.checkpoint import CheckpointManager, RunLock, choose_resume, set_rng_state
-from dmm.models.ema import WeightEMA
+from dmm.models.ema import WeightEMA, walk
 from dmm.train.layout import TeacherLayout
 from dmm.train.tblog import TrainingBoard, log_sample_grids
 
@@ -181,30 +181,18 @@ class DistillationTrainer:
         # The same on every rank: whether this step reads the full parameters (a collective when sharded).
         self.keeps_ema = self.recipe.optim.ema_decay > 0 or bool(emas)
         if self.keeps_ema:  # every rank walks the parameters (a gather when sharded), one at a time
-            fresh = {key: ema.begin() for key, ema in emas.items()}
-            names = []
-            with self.engine.full_params("student") as params:
-                for name, value in params:
-                    names.append(name)
-                    for key, ema in emas.items():
-                        ema.start_one(name, value, fresh[key])
             for ema in emas.values():
-                ema.check_names(names)
+                ema.begin()
+            with self.engine.full_params("student") as params:
+                walk(emas.values(), params, WeightEMA.start_one)
         return emas
 
     def _update_emas(self) -> None:
         """Every rank walks the parameters (a sharded engine gathers them one at a time, so the
         transient is one parameter, not the model); the ranks holding an average update it."""
-        if not self.keeps_ema:
-            return
-        names = []
-        with self.engine.full_params("student") as params:
-            for name, value in params:
-                names.append(name)
-                for ema in self.emas.values():
-                    ema.update_one(name, value)
-        for ema in self.emas.values():
-            ema.check_names(names)
+        if self.keeps_ema:
+            with self.engine.full_params("student") as params:
+                walk(self.emas.values(), params, WeightEMA.update_one)
 
     def _optimizer(self, which: str, model: torch.nn.Module) -> torch.optim.Optimizer:
         o = self.recipe.optim
