@@ -145,6 +145,11 @@ class OptimConfig:
                                  ge=0.0, lt=1.0)
     grad_clip: float = setting(1.0, help="gradient-norm clip; 0 turns clipping off", ge=0.0)
     warmup_steps: int = setting(0, help="linear learning-rate warm-up steps", ge=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = setting(
+        "constant", help="learning rate after warm-up: constant, or decaying to min_lr_ratio x lr at "
+                         "train.max_steps (cosine or linear); applies to the student and the discriminator")
+    min_lr_ratio: float = setting(0.1, help="where a decaying lr_schedule ends, as a share of the peak lr",
+                                  ge=0.0, le=1.0)
     style_lr_multiplier: float = setting(1.0, help="lr factor of the new style codebook and MLP", gt=0.0)
     ema_decay: float = setting(0.0, help="keep an exponential moving average of the student's weights with this "
                                          "decay (e.g. 0.999) and export it instead of the raw weights; 0: off",

@@ -8,6 +8,8 @@ teachers and every sample its style before the first step.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import logging
 import os
 import time
@@ -39,6 +41,19 @@ from dmm.train.layout import TeacherLayout
 from dmm.train.tblog import TrainingBoard, log_sample_grids
 
 log = logging.getLogger("dmm.train")
+
+
+def lr_factor(step: int, *, schedule: str, warmup: int, total: int, floor: float) -> float:
+    """The learning rate of optimizer step `step` (0-based) as a share of the peak: linear warm-up, then
+    constant or a decay to `floor` at `total`. A pure function of the step, so a resumed run continues
+    the same curve (LambdaLR saves only its step count); a longer `max_steps` on resume stretches it."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    done = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1.0 + math.cos(math.pi * done)) if schedule == "cosine" else 1.0 - done
+    return floor + (1.0 - floor) * shape
 
 
 class TrainingDiverged(RuntimeError):
@@ -227,9 +242,10 @@ class DistillationTrainer:
         return torch.randint(0, high, (n,), generator=g, device=self.device)
 
     def _schedulers(self, optimizers: dict) -> dict:
-        warmup = self.recipe.optim.warmup_steps
-        return {k: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / max(1, warmup)))
-                for k, o in optimizers.items()}
+        o, total = self.recipe.optim, self.recipe.train.max_steps
+        factor = functools.partial(lr_factor, schedule=o.lr_schedule, warmup=o.warmup_steps, total=total,
+                                   floor=o.min_lr_ratio)
+        return {k: torch.optim.lr_scheduler.LambdaLR(opt, factor) for k, opt in optimizers.items()}
 
     def _build_data(self) -> ShardStream:
         """The main rank lets a file-writing source (the toy world) write its shards first."""
