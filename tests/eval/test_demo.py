@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -15,7 +16,7 @@ def test_demo_summary_matches_a_direct_computation(world, tmp_path, capsys):
     from dmm.models.student import StyleUNet2DConditionModel
     from dmm.recipes import load_recipe
     from dmm.train.export import export_merged
-    from eval.demo import summarise
+    from eval.demo import REF_SEED, summarise
     from eval.fid import fid_matrix
     from eval.generate import GenerationCache
 
@@ -37,13 +38,20 @@ def test_demo_summary_matches_a_direct_computation(world, tmp_path, capsys):
         line = f"{row['style']:10s} {row['fid_own_teacher']:8.2f} {row['fid_nearest_other_teacher']:10.2f}"
         assert line in printed
     assert f"merged model: {merged}" in printed and (tmp_path / "summary" / "summary.json").is_file()
+    assert f"FIDt {summary['FIDt']:.2f} against the teachers' own reference {summary['FIDt_ref']:.2f}" in printed
+    assert f"ratio {summary['FIDt_ratio']:.2f}; target <= 1.10" in printed
 
     # the old dmm.demo computation, from the same cached images: features of all images at once
+    # (a teacher's folder holds its images at both seed ranges: files are named by seed)
     by_label = {}
     for meta in (tmp_path / "cache").glob("*/set.json"):
         label = json.loads(meta.read_text())["label"]
-        by_label[label] = GenerationCache.load_images(sorted(meta.parent.glob("*.png")))
-    assert sorted(by_label) == sorted([f"merged/{s}" for s in styles] + [f"teacher/{s}" for s in styles])
+        files = sorted(meta.parent.glob("*.png"))
+        ref = [f for f in files if int(f.name[1:11]) >= REF_SEED]
+        by_label[label] = GenerationCache.load_images([f for f in files if f not in ref])
+        if ref:
+            by_label[label.replace("teacher/", "teacher-ref/")] = GenerationCache.load_images(ref)
+    assert sorted(by_label) == sorted([f"{kind}/{s}" for kind in ("merged", "teacher", "teacher-ref") for s in styles])
     clf = world.classifier
     with torch.no_grad():
         feats = {k: clf.features(v).double() for k, v in by_label.items()}
@@ -52,6 +60,13 @@ def test_demo_summary_matches_a_direct_computation(world, tmp_path, capsys):
                for k, v in by_label.items()}
     m = fid_matrix([feats[f"merged/{s}"] for s in styles], [feats[f"teacher/{s}"] for s in styles])
     np.testing.assert_allclose(np.array(summary["fid_matrix"]), m, rtol=1e-6, atol=1e-6)
+    # FIDt and its reference as the eval suite defines them: columns are the teachers on other seeds
+    refs = [feats[f"teacher-ref/{s}"] for s in styles]
+    fidt = np.trace(fid_matrix([feats[f"merged/{s}"] for s in styles], refs))
+    fidt_ref = np.trace(fid_matrix([feats[f"teacher/{s}"] for s in styles], refs))
+    np.testing.assert_allclose([summary["FIDt"], summary["FIDt_ref"]], [fidt, fidt_ref], rtol=1e-6)
+    assert summary["FIDt_ratio"] == pytest.approx(fidt / fidt_ref)
+    assert not torch.equal(by_label["teacher/flat"], by_label["teacher-ref/flat"])  # other seeds
     for row in summary["styles"]:
         assert row["style_acc_merged"] == acc[f"merged/{row['style']}"]
         assert row["style_acc_teacher"] == acc[f"teacher/{row['style']}"]
