@@ -542,6 +542,10 @@ def validate(recipe: Recipe) -> None:
     if recipe.data.synthesized is not None and recipe.data.precomputed:
         raise RecipeError("data: `synthesized` and `precomputed` do not go together (the synthesized images are "
                           "read per teacher); drop data.precomputed in the synthesized stage")
+    if recipe.data.synthesized is not None and recipe.data.buckets is not None:
+        raise RecipeError("data: `synthesized` and `buckets` do not go together (the teachers generate square "
+                          "images at data.resolution, so every batch would be one bucket); drop data.buckets in "
+                          "the synthesized stage")
     if recipe.data.buckets is not None:
         from dmm.data.buckets import recipe_buckets
 

@@ -104,6 +104,12 @@ def test_command_without_a_synthesized_section_names_the_flags(world, tmp_path, 
 def test_recipe_refuses_a_synthesized_section_without_a_folder(world, tmp_path):
     with pytest.raises(RecipeError, match="data.synthesized.path is empty"):
         parse_recipe(tiny_recipe_dict(world, tmp_path / "run", data={"synthesized": {"per_teacher": 4}}))
+    synthesized = {"path": str(tmp_path / "images"), "per_teacher": 4}
+    with pytest.raises(RecipeError, match="`synthesized` and `buckets` do not go together"):
+        parse_recipe(tiny_recipe_dict(world, tmp_path / "run", data={"synthesized": synthesized, "buckets": "sdxl"}))
+    with pytest.raises(RecipeError, match="`synthesized` and `precomputed` do not go together"):
+        parse_recipe(tiny_recipe_dict(world, tmp_path / "run", data={"synthesized": synthesized,
+                                                                      "precomputed": str(tmp_path / "pre")}))
 
 
 def style_images(folder, style, resolution=16) -> list[torch.Tensor]:
