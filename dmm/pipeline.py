@@ -55,7 +55,7 @@ def is_merged_model(folder: str | Path) -> bool:
     return cfg.is_file() and json.loads(cfg.read_text()).get("_class_name") == StyleUNet2DConditionModel.__name__
 
 
-def _with_unet(pipe: DiffusionPipeline, unet) -> DiffusionPipeline:
+def with_unet(pipe: DiffusionPipeline, unet) -> DiffusionPipeline:
     """The same pipeline class rebuilt with `unet` (its constructor sees the UNet, e.g. SDXL's sample size)."""
     params = inspect.signature(type(pipe).__init__).parameters
     kwargs = {k: v for k, v in pipe.config.items() if k in params}
@@ -86,7 +86,7 @@ def load_merged(folder: str | Path, torch_dtype: torch.dtype = torch.float32) ->
                                                      local_files_only=True)
     # unet=None: diffusers loads only the stock components and never resolves the "dmm" library name
     rest = DiffusionPipeline.from_pretrained(str(folder), unet=None, dtype=torch_dtype, local_files_only=True)
-    return _with_unet(rest, unet)
+    return with_unet(rest, unet)
 
 
 def refuse_merged_unet(unet_dir: str | Path) -> None:
@@ -166,11 +166,11 @@ def export_baked(folder: str | Path, style: StyleSpec, out: str | Path, fmt: str
     pipe = load_merged(folder)
     plain = pipe.unet.bake(style)
     if fmt == "diffusers":
-        pipe = _with_unet(pipe, plain)
+        pipe = with_unet(pipe, plain)
         return save_pipeline_folder(pipe if dtype is None else pipe.to(EXPORT_DTYPES[dtype]), out)
     info = {"dmm.style": json.dumps(style), "dmm.merged_model": Path(folder).name}
     if fmt == "single-file":
-        return export_single_file(_with_unet(pipe, plain), out, dtype or "fp16", metadata=info)
+        return export_single_file(with_unet(pipe, plain), out, dtype or "fp16", metadata=info)
     del pipe
     tensors, report = extract_lora(load_plain_unet(base_unet), plain, rank, EXPORT_DTYPES[dtype or "fp16"])
     report["style"], report["base"] = style, str(base)

@@ -51,7 +51,7 @@ from dmm.distributed import agree, all_gather_object
 from dmm.distributed.collective import one_line
 from dmm.distributed.env import device_for, init_process_group
 from dmm.io import atomic_file, atomic_write_bytes, atomic_write_json, make_dir, remove_dir
-from dmm.pipeline import _with_unet
+from dmm.pipeline import with_unet
 from dmm.recipes import Recipe, SynthesizedDataConfig, load_recipe, parse_recipe
 from dmm.sampling import sample_images
 from dmm.schema import ConfigError
@@ -174,7 +174,7 @@ def staged(folder: Path, style: str, index: int) -> Path:
 
 def teacher_pipeline(base_pipe, teacher: Teacher):
     """The base pipeline with the teacher's UNet, own text encoders and prediction type."""
-    pipe = _with_unet(base_pipe, teacher.unet)
+    pipe = with_unet(base_pipe, teacher.unet)
     own = {k: m for k, m in (("text_encoder", teacher.text_encoder), ("text_encoder_2", teacher.text_encoder_2))
            if m is not None}
     if own:

@@ -25,7 +25,7 @@ from dmm.data import ShardStream
 from dmm.losses.score import SCORE_PART
 from dmm.models.student import StyleUNet2DConditionModel
 from dmm.objectives import student_style_names
-from dmm.pipeline import _with_unet
+from dmm.pipeline import with_unet
 from dmm.sampling import consecutive_seeds, sample_images
 from dmm.train.export import build_student
 
@@ -113,7 +113,7 @@ class TrainingBoard:
         opts = self.recipe.log
         if self.prompts is None:
             self.prompts = first_captions(stream, opts.num_prompts) or [""]
-        pipe = _with_unet(base_pipe, student)
+        pipe = with_unet(base_pipe, student)
         pipe.set_progress_bar_config(disable=True)
         seeds = consecutive_seeds(opts.sample_seed, len(self.prompts))
         size = self.recipe.data.resolution
