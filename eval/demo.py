@@ -27,7 +27,8 @@ from eval.report import image_grid, write_json
 
 REF_SEED = 1_000_000  # the teacher reference batch's first seed, after the sample seed (the eval suite's too)
 FIDT_TARGET = 1.10  # issue 13: the paper's merged model is at 1.035x its teachers' reference
-TARGET_HINT = "BENCHMARKS.md, 'Toy fidelity ablations', says what has reached it and at what cost"
+TARGET_HINT = ("not reached yet; the closest measured recipe is recipes/toy_sdxl_4_long.yaml, 4x the steps: "
+               "BENCHMARKS.md, 'Toy fidelity ablations'")
 
 
 def summarise(recipe: Recipe, merged: str | Path, cache_root: str | Path = ".cache/samples",
