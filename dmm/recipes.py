@@ -147,7 +147,7 @@ class OptimConfig:
     warmup_steps: int = setting(0, help="linear learning-rate warm-up steps", ge=0)
     lr_schedule: Literal["constant", "cosine", "linear"] = setting(
         "constant", help="learning rate after warm-up: constant, or decaying to min_lr_ratio x lr at "
-                         "train.max_steps (cosine or linear); applies to the student and the discriminator")
+                         "the run's last step (cosine or linear); applies to the student and the discriminator")
     min_lr_ratio: float = setting(0.1, help="where a decaying lr_schedule ends, as a share of the peak lr",
                                   ge=0.0, le=1.0)
     style_lr_multiplier: float = setting(1.0, help="lr factor of the new style codebook and MLP", gt=0.0)
