@@ -21,11 +21,9 @@ from eval.features import ToyWorldFeatures
 from eval.fid import fid_matrix, fid_trace
 from eval.generate import GenerationCache, SamplingConfig, generate_sets
 from eval.metrics import style_accuracy
-from eval.plan import paired_sets
+from eval.plan import REF_SEED, paired_sets
 from eval.report import image_grid, write_json
 
-
-REF_SEED = 1_000_000  # the teacher reference batch's first seed, after the sample seed (the eval suite's too)
 FIDT_TARGET = 1.10  # issue 13: the paper's merged model is at 1.035x its teachers' reference
 TARGET_HINT = ("not reached yet; the closest measured recipe is recipes/toy_sdxl_4_long.yaml, 4x the steps: "
                "BENCHMARKS.md, 'Toy fidelity ablations'")

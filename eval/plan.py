@@ -20,6 +20,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLING_FLAGS = {"steps": "--steps", "guidance_scale": "--guidance-scale", "batch_size": "--batch-size"}
 
 
+REF_SEED = 1_000_000  # the teacher reference batch's first seed, far from the sample seeds (the demo's too)
+
+
 @dataclass
 class SuiteConfig:
     merged: str
@@ -29,7 +32,7 @@ class SuiteConfig:
     prompts: str | None = None  # a text file, one caption per line; None: the toy world's prompts
     num_samples: int = 64  # per set (FID is biased at small n: compare only at equal n)
     seed: int = 0  # merged and teacher batches: seeds seed .. seed+n-1
-    ref_seed: int = 1_000_000  # teacher reference batch: ref_seed .. ref_seed+n-1
+    ref_seed: int = REF_SEED  # teacher reference batch: ref_seed .. ref_seed+n-1
     reference: bool = True  # sample the reference batch and compute M_ref
     # None: the paper's settings, or in toy mode (toy prompts) the toy world's steps and CFG with no
     # negative prompt (its words are outside the toy vocabulary); overrides apply on top of either

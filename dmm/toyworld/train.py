@@ -7,6 +7,7 @@ schedule with min-SNR-5 weighting, 10% empty-caption dropout, AdamW with warmup 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import numpy as np
@@ -14,19 +15,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dmm.train.schedule import lr_factor
+
 from .conditioning import CaptionTable
 from .content import ATTRIBUTES, Content, all_captions, attribute_values
 from .render import render
 
 
 def warmup_cosine(warmup: int, total: int, floor: float = 0.05):
-    """LambdaLR factor: linear warmup then cosine decay to `floor` x the peak."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(warmup, 1)
-        t = min(1.0, (step - warmup) / max(total - warmup, 1))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-    return f
+    """LambdaLR factor: linear warmup then cosine decay to `floor` x the peak (the trainer's curve)."""
+    return functools.partial(lr_factor, schedule="cosine", warmup=warmup, total=total, floor=floor)
 
 
 def to_unit(images_uint8: np.ndarray) -> torch.Tensor:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import logging
 import os
 import time
@@ -29,6 +28,7 @@ from dmm.distributed import agree
 from dmm.distributed.slurm import any_rank, max_over_ranks
 from dmm.engines import Engine, make_engine
 from dmm.io import make_dir
+from dmm.models.ema import WeightEMA, walk
 from dmm.models.speed import apply_speed_switches
 from dmm.models.student import StyleUNet2DConditionModel
 from dmm.objectives import make_objective, objective_class, student_style_names
@@ -36,24 +36,11 @@ from dmm.recipes import Recipe
 from dmm.registry import get_registry
 from dmm.teachers import check_teacher_paths, load_teacher
 from dmm.train.checkpoint import CheckpointManager, RunLock, choose_resume, set_rng_state
-from dmm.models.ema import WeightEMA, walk
 from dmm.train.layout import TeacherLayout
+from dmm.train.schedule import lr_factor
 from dmm.train.tblog import TrainingBoard, log_sample_grids
 
 log = logging.getLogger("dmm.train")
-
-
-def lr_factor(step: int, *, schedule: str, warmup: int, total: int, floor: float) -> float:
-    """The learning rate of optimizer step `step` (0-based) as a share of the peak: linear warm-up, then
-    constant or a decay to `floor` at `total`. A pure function of the step, so a resumed run continues
-    the same curve (LambdaLR saves only its step count); a longer `max_steps` on resume stretches it."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    done = min(1.0, (step - warmup) / max(1, total - warmup))
-    shape = 0.5 * (1.0 + math.cos(math.pi * done)) if schedule == "cosine" else 1.0 - done
-    return floor + (1.0 - floor) * shape
 
 
 class TrainingDiverged(RuntimeError):
