@@ -27,6 +27,12 @@ class Conditioning:
         extra = None if self.added_cond_kwargs is None else {k: v[index] for k, v in self.added_cond_kwargs.items()}
         return Conditioning(self.encoder_hidden_states[index], extra)
 
+    def cat(self, other: Conditioning) -> Conditioning:
+        """Both batches in one: self's rows first."""
+        extra = None if self.added_cond_kwargs is None else {
+            k: torch.cat([v, other.added_cond_kwargs[k]]) for k, v in self.added_cond_kwargs.items()}
+        return Conditioning(torch.cat([self.encoder_hidden_states, other.encoder_hidden_states]), extra)
+
     def unet_kwargs(self) -> dict:
         return {} if self.added_cond_kwargs is None else {"added_cond_kwargs": self.added_cond_kwargs}
 

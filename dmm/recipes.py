@@ -126,6 +126,11 @@ class LossConfig:
                                          "teacher's on the same rank (weight w ~ U(0,1)), supervised by the same "
                                          "mixture of the two teachers' outputs and features; they skip the "
                                          "adversarial loss. For gradual style mixing; 0: off", ge=0.0, le=1.0)
+    uncond_weight: float = setting(0.0, help="also distil every sample's unconditional output (the empty caption, "
+                                             "same noisy latent and style) with this weight on its MSE; CFG "
+                                             "sampling amplifies that branch's error, which caption dropout alone "
+                                             "trains on few samples. One more teacher forward per step and a "
+                                             "doubled student batch; 0: off", ge=0.0)
 
 
 @dataclass

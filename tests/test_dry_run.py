@@ -284,6 +284,18 @@ def test_mix_share_keeps_the_partners_features_too(no_weights):
     assert mixed.phases["student forward/backward"] - single.phases["student forward/backward"] == 1000 * b
 
 
+def test_uncond_weight_doubles_the_students_rows_and_calls_each_teacher_twice(no_weights):
+    r = load_recipe(ROOT / "recipes" / "sd15_8.yaml", ["loss.uncond_weight=1"])
+    assert memory_parts(r)["student_rows"] == 2 and memory_parts(r)["teacher_calls"] == 2
+    act = Activations(student=1000, student_other=None, disc=1, disc_frozen=1, teacher=1, vae=1, features=1,
+                      source="test")
+    both, single = (plan(x, 8, parse_memory("80GiB"), act=act) for x in (r, load_recipe(ROOT / "recipes" / "sd15_8.yaml")))
+    b = r.data.batch_size
+    key = "student forward/backward"
+    assert both.ranks[0].phases[key] - single.ranks[0].phases[key] == 1000 * b
+    assert "x2 (rows per sample in its forward)" in render(both) and "x2 (rows" not in render(single)
+
+
 @pytest.mark.parametrize("text, expected", [("80GiB", 80 * GiB), ("80 GB", 80 * 10**9), ("40960MiB", 40 * GiB),
                                             ("1.5TiB", int(1.5 * 2**40))])
 def test_parse_memory(text, expected):

@@ -61,9 +61,10 @@ class Objective:
         teachers' fp32 block outputs alive through the student's step), "teacher_calls" (no-grad calls
         of each teacher per step, one after another), "target_networks" (names of whole fp32 copies
         of the student that every rank holds and forwards without grad each step: emas() that are
-        called, e.g. SPLAM's)."""
+        called, e.g. SPLAM's), "student_rows" (rows the student forwards with grad per sample, e.g. 2
+        when each sample's unconditional branch rides along in the same forward)."""
         return {"discriminator": False, "teacher_features": int(recipe.loss.lambda_feat > 0), "teacher_calls": 1,
-                "target_networks": ()}
+                "target_networks": (), "student_rows": 1}
 
     @classmethod
     def check(cls, recipe: Any, options: Any) -> None:

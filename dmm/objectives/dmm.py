@@ -69,11 +69,13 @@ class DMMObjective(Objective):
     @classmethod
     def memory_parts(cls, recipe, options) -> dict:
         """The discriminator with the adversarial loss; with loss.mix_share the partners' block outputs
-        stay alive next to the blended ones (micro_step's partner_feats)."""
+        stay alive next to the blended ones (micro_step's partner_feats); with loss.uncond_weight each
+        teacher is called again on the empty caption and the student forwards both branches at once."""
         loss = recipe.loss
         features = 0 if loss.lambda_feat <= 0 else (2 if loss.mix_share > 0 else 1)
+        uncond = loss.uncond_weight > 0
         return {**super().memory_parts(recipe, options), "discriminator": loss.lambda_adv > 0,
-                "teacher_features": features}
+                "teacher_features": features, "teacher_calls": 1 + uncond, "student_rows": 1 + uncond}
 
     def trained_models(self, student):
         models = {"student": student}
@@ -194,6 +196,17 @@ class DMMObjective(Objective):
         dev = labels.device
         return Mixtures(weights.to(dev), partners, own.view(-1, 1, 1, 1).to(dev), mixed.to(dev))
 
+    def uncond_targets(self, batch, inputs: StepInputs, x_t, t, groups, styles, mix: Mixtures | None):
+        """`loss.uncond_weight`: the empty caption's conditioning and each supervisor's output for it at
+        the same x_t, t (blended like the captioned target on mixed rows). None when off."""
+        if self.trainer.recipe.loss.uncond_weight <= 0:
+            return None
+        empty = self.conditioned(batch, inputs.latents, [""] * len(inputs.captions))
+        target, _ = self.teacher_outputs(x_t, t, empty, groups, False, styles)
+        if mix is not None:
+            target = mix.blend(target, self.teacher_outputs(x_t, t, empty, mix.partners, False, styles)[0])
+        return empty.cond, target
+
     def disc_logits(self, x0, cond: Conditioning):
         tr = self.trainer
         t = tr.randint(tr.recipe.loss.disc_t_max, x0.shape[0])
@@ -222,16 +235,28 @@ class DMMObjective(Objective):
             teacher_out = mix.blend(teacher_out, partner_out)
             teacher_feats = {k: mix.blend(v, partner_feats[k]) for k, v in teacher_feats.items()}
             student_styles = mix.weights
+        uncond = self.uncond_targets(batch, inputs, x_t, t, groups, styles, mix)
         student = tr.models["student"]
         hooks = BlockFeatures(student) if want_feat else contextlib.nullcontext()
+        n = x_t.shape[0]
         with tr.autocast(), hooks as recorder:
-            student_out = student(x_t, t, cond.encoder_hidden_states, class_labels=student_styles,
-                                  **cond.unet_kwargs()).sample
+            if uncond is None:
+                student_out = student(x_t, t, cond.encoder_hidden_states, class_labels=student_styles,
+                                      **cond.unet_kwargs()).sample
+            else:  # one forward of both branches: [captioned rows, empty-caption rows]
+                both = cond.cat(uncond[0])
+                out = student(torch.cat([x_t, x_t]), torch.cat([t, t]), both.encoder_hidden_states,
+                              class_labels=torch.cat([student_styles, student_styles]), **both.unet_kwargs()).sample
+                student_out, student_uncond = out[:n], out[n:]
         losses = {"score": score_distillation_loss(student_out, teacher_out)}
         losses.update(score_parts(student_out, teacher_out, groups, tr.slot_names))  # per teacher, for TensorBoard
         total = losses["score"]
+        if uncond is not None:
+            losses["uncond"] = score_distillation_loss(student_uncond, uncond[1])
+            total = total + r.loss.uncond_weight * losses["uncond"]
         if want_feat:
-            losses["feat"] = feature_imitation_loss(recorder.outputs, teacher_feats)
+            feats = recorder.outputs if uncond is None else {k: v[:n] for k, v in recorder.outputs.items()}
+            losses["feat"] = feature_imitation_loss(feats, teacher_feats)
             total = total + r.loss.lambda_feat * losses["feat"]
         # The adversarial losses see single-style samples only (a mixture has no class).
         keep = None if mix is None else (~mix.mixed).nonzero().flatten()

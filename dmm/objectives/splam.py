@@ -110,6 +110,9 @@ class SplamObjective(DMMObjective):
         if not recipe.model.init_from:
             raise ValueError("objective splam distils a merged model into a few-step one: set model.init_from to "
                              "the merged model's folder")
+        if recipe.loss.uncond_weight > 0:
+            raise ValueError("loss.uncond_weight belongs to the dmm and incremental objectives; splam's target "
+                             "already takes both branches (its fixed CFG): set it to 0")
         check_init_from(recipe.model.init_from, recipe.model.base, recipe.style_names)
         config = UNet2DConditionModel.load_config(str(Path(recipe.model.init_from) / "unet"))
         have = config.get("time_cond_proj_dim")

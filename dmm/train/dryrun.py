@@ -104,7 +104,7 @@ class DryRunError(ValueError):
 
 
 # What `Objective.memory_parts` may say; see its docstring.
-PARTS = ("discriminator", "teacher_features", "teacher_calls", "target_networks")
+PARTS = ("discriminator", "teacher_features", "teacher_calls", "target_networks", "student_rows")
 
 
 def memory_parts(recipe: Recipe) -> dict:
@@ -757,7 +757,9 @@ def plan(recipe: Recipe, gpus: int, budget: int, *, models: Models | None = None
         g_d = disc.grads if disc else 0
         prev = g_s + g_d if accum > 1 else 0
         mp = student.mp_copies + (disc.mp_copies if disc else 0)
-        student_phase = prev + mp + student.working + b * (feats + act.student + (act.disc_frozen if disc else 0))
+        rows = parts["student_rows"]
+        student_phase = (prev + mp + student.working
+                         + b * (feats + rows * act.student + (act.disc_frozen if disc else 0)))
         phases = {
             "VAE encode": prev + (0 if precomputed else b * act.vae),
             "teacher forward": prev + b * (feats + act.teacher),
@@ -905,7 +907,9 @@ def render(p: Plan) -> str:
     other = "without" if r.train.gradient_checkpointing else "with"
     other_figure = "not measured" if a.student_other is None else fmt(a.student_other)
     calls = parts["teacher_calls"]
-    lines.append(f"per sample: student {fmt(a.student)} ({ck} gradient checkpointing; {other_figure} {other}), "
+    rows = parts["student_rows"]
+    lines.append(f"per sample: student {fmt(a.student)}" + (f" x{rows} (rows per sample in its forward)" if rows > 1 else "")
+                 + f" ({ck} gradient checkpointing; {other_figure} {other}), "
                  + (f"discriminator update {fmt(a.disc)}, generator-loss pass {fmt(a.disc_frozen)} (both {ck} it), "
                     if parts["discriminator"] else "")
                  + f"teacher forward {fmt(a.teacher)}" + (f" (x{calls} per step, one after another)" if calls > 1 else "")
