@@ -289,7 +289,8 @@ def test_uncond_weight_doubles_the_students_rows_and_calls_each_teacher_twice(no
     assert memory_parts(r)["student_rows"] == 2 and memory_parts(r)["teacher_calls"] == 2
     act = Activations(student=1000, student_other=None, disc=1, disc_frozen=1, teacher=1, vae=1, features=1,
                       source="test")
-    both, single = (plan(x, 8, parse_memory("80GiB"), act=act) for x in (r, load_recipe(ROOT / "recipes" / "sd15_8.yaml")))
+    both, single = (plan(x, 8, parse_memory("80GiB"), act=act)
+                    for x in (r, load_recipe(ROOT / "recipes" / "sd15_8.yaml")))
     b = r.data.batch_size
     key = "student forward/backward"
     assert both.ranks[0].phases[key] - single.ranks[0].phases[key] == 1000 * b

@@ -196,16 +196,24 @@ class DMMObjective(Objective):
         dev = labels.device
         return Mixtures(weights.to(dev), partners, own.view(-1, 1, 1, 1).to(dev), mixed.to(dev))
 
+    def targets(self, x_t, t, inputs: StepInputs, groups: dict[int, list[int]], want_features: bool,
+                labels: torch.Tensor, mix: Mixtures | None):
+        """Each sample's supervision (output, block features); mixed samples get the same mixture of
+        their two teachers' outputs and features."""
+        out, feats = self.teacher_outputs(x_t, t, inputs, groups, want_features, labels)
+        if mix is not None:
+            partner_out, partner_feats = self.teacher_outputs(x_t, t, inputs, mix.partners, want_features, labels)
+            out = mix.blend(out, partner_out)
+            feats = {k: mix.blend(v, partner_feats[k]) for k, v in feats.items()}
+        return out, feats
+
     def uncond_targets(self, batch, inputs: StepInputs, x_t, t, groups, styles, mix: Mixtures | None):
-        """`loss.uncond_weight`: the empty caption's conditioning and each supervisor's output for it at
-        the same x_t, t (blended like the captioned target on mixed rows). None when off."""
+        """`loss.uncond_weight`: the empty caption's conditioning and the supervision for it at the same
+        x_t, t. None when off."""
         if self.trainer.recipe.loss.uncond_weight <= 0:
             return None
         empty = self.conditioned(batch, inputs.latents, [""] * len(inputs.captions))
-        target, _ = self.teacher_outputs(x_t, t, empty, groups, False, styles)
-        if mix is not None:
-            target = mix.blend(target, self.teacher_outputs(x_t, t, empty, mix.partners, False, styles)[0])
-        return empty.cond, target
+        return empty.cond, self.targets(x_t, t, empty, groups, False, styles, mix)[0]
 
     def disc_logits(self, x0, cond: Conditioning):
         tr = self.trainer
@@ -227,14 +235,9 @@ class DMMObjective(Objective):
         want_feat = r.loss.lambda_feat > 0
         cond = inputs.cond
 
-        teacher_out, teacher_feats = self.teacher_outputs(x_t, t, inputs, groups, want_feat, styles)
         mix = self.mixtures(styles, groups)
-        student_styles = styles
-        if mix is not None:  # mixed samples: the same mixture of their two teachers' outputs and features
-            partner_out, partner_feats = self.teacher_outputs(x_t, t, inputs, mix.partners, want_feat, styles)
-            teacher_out = mix.blend(teacher_out, partner_out)
-            teacher_feats = {k: mix.blend(v, partner_feats[k]) for k, v in teacher_feats.items()}
-            student_styles = mix.weights
+        teacher_out, teacher_feats = self.targets(x_t, t, inputs, groups, want_feat, styles, mix)
+        student_styles = styles if mix is None else mix.weights
         uncond = self.uncond_targets(batch, inputs, x_t, t, groups, styles, mix)
         student = tr.models["student"]
         hooks = BlockFeatures(student) if want_feat else contextlib.nullcontext()

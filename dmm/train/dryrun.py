@@ -908,7 +908,8 @@ def render(p: Plan) -> str:
     other_figure = "not measured" if a.student_other is None else fmt(a.student_other)
     calls = parts["teacher_calls"]
     rows = parts["student_rows"]
-    lines.append(f"per sample: student {fmt(a.student)}" + (f" x{rows} (rows per sample in its forward)" if rows > 1 else "")
+    lines.append(f"per sample: student {fmt(a.student)}"
+                 + (f" x{rows} (rows per sample in its forward)" if rows > 1 else "")
                  + f" ({ck} gradient checkpointing; {other_figure} {other}), "
                  + (f"discriminator update {fmt(a.disc)}, generator-loss pass {fmt(a.disc_frozen)} (both {ck} it), "
                     if parts["discriminator"] else "")
