@@ -62,6 +62,13 @@ class ModelConfig:
     init_from: str = setting("", path=True,
                              help="start the student from this merged model folder instead of the base (its style "
                                   "names must be the teachers' names; a later stage of `stages:` sets it itself)")
+    init_unet: str = setting("", path=True,
+                             help="start the student's UNet weights from this UNet (any teacher format, e.g. the "
+                                  "teachers' weight average from `python -m dmm.merge --method weighted_sum`) "
+                                  "instead of the base's; the style codebook still starts random")
+    init_average: bool = setting(False, help="start the student's UNet from the teachers' weight average instead "
+                                             "of the base (the run makes it with dmm.merge's weighted_sum, into "
+                                             "<train.output_dir>/init_unet.safetensors); the codebook starts random")
 
 
 @dataclass
@@ -433,7 +440,8 @@ def expand_stages(raw: dict, recipe: Recipe, base) -> list[dict]:
                                  "train": {"output_dir": str(Path(recipe.train.output_dir) / f"{k + 1}-{name}")}})
         if previous is not None:
             # absolute: train.output_dir is relative to the current folder, path keys to the recipe file's
-            merged = _merge(merged, {"model": {"init_from": os.path.abspath(Path(previous.train.output_dir) / "merged")}})
+            merged = _merge(merged, {"model": {"init_from": os.path.abspath(Path(previous.train.output_dir) / "merged"),
+                                               "init_unet": "", "init_average": False}})
         try:
             built = parse_recipe(merged, base=base)
         except RecipeError as err:
@@ -539,6 +547,14 @@ def validate(recipe: Recipe) -> None:
             _check_component("teacher format", t.format, t.options, f"teachers[{i}].format")
     if not recipe.model.base:
         raise RecipeError("model.base is empty: point it at the common base model's diffusers folder")
+    starts = [k for k in ("init_from", "init_unet", "init_average") if getattr(recipe.model, k)]
+    if len(starts) > 1:
+        raise RecipeError(f"model.{' and model.'.join(starts)} each start the student: keep one (init_from continues "
+                          "a merged model, codebook included; init_unet and init_average only set the UNet's weights)")
+    lora = [t.name for t in recipe.teachers if t.format == "lora"]
+    if recipe.model.init_average and lora:
+        raise RecipeError(f"model.init_average averages full teachers' weights, but {lora} are LoRA teachers: fuse "
+                          "them first (python -m dmm.merge), point model.init_unet at a merge, or drop init_average")
     if not recipe.data.shards and recipe.data.toyworld is None and recipe.data.synthesized is None:
         raise RecipeError("data: give `shards` (webdataset tar files), a `toyworld` or a `synthesized` section")
     if recipe.data.synthesized is not None and not recipe.data.synthesized.path:

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from dmm.objectives.dmm import Mixtures
-from dmm.train.run import run
 from dmm.train.trainer import DistillationTrainer
 from tests import tiny_world
 
@@ -74,15 +73,5 @@ def test_mixing_off_draws_nothing_and_training_resumes_exactly(world, tmp_path):
     assert trainer.objective.mixtures(trainer.micro_styles[0], trainer.micro_groups[0]) is None
     assert torch.equal(trainer.generator.get_state(), state)
 
-    def recipe(out, steps, **train):
-        return tiny_world.recipe(world, tmp_path / out, loss={"mix_share": 0.5},
-                                 train={"max_steps": steps, "checkpoint_every": 2, **train})
-
-    run(recipe("full", 4))
-    run(recipe("part", 2))
-    run(recipe("part", 4, resume="latest"))
-    from safetensors.torch import load_file
-
-    a, b = (load_file(str(tmp_path / n / "checkpoints" / "step-00000004" / "student.safetensors"))
-            for n in ("full", "part"))
+    a, b = tiny_world.students_after_4_steps(world, tmp_path, loss={"mix_share": 0.5})
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -34,7 +34,7 @@ from dmm.models.student import StyleUNet2DConditionModel
 from dmm.objectives import make_objective, objective_class, student_style_names
 from dmm.recipes import Recipe
 from dmm.registry import get_registry
-from dmm.teachers import check_teacher_paths, load_teacher
+from dmm.teachers import check_teacher_paths, load_teacher, load_teacher_unet
 from dmm.train.checkpoint import CheckpointManager, RunLock, choose_resume, set_rng_state
 from dmm.train.layout import TeacherLayout
 from dmm.train.schedule import lr_factor
@@ -66,6 +66,9 @@ class DistillationTrainer:
         self.out = Path(recipe.train.output_dir)
         self.objective_class, self.objective_options = objective_class(recipe)
         self.objective_class.check(recipe, self.objective_options)  # e.g. model.init_from, before any model loads
+        if recipe.model.init_unet and not Path(recipe.model.init_unet).exists():
+            raise FileNotFoundError(f"model.init_unet not found: {recipe.model.init_unet} (a UNet folder or "
+                                    "weights file, e.g. made by `python -m dmm.merge`)")
         self.slot_names = self.objective_class.slot_names(recipe.style_names, recipe.model.init_from,
                                                           self.objective_options)
         self.student_styles = student_style_names(recipe)
@@ -147,16 +150,37 @@ class DistillationTrainer:
         return teachers
 
     def _build_student(self) -> StyleUNet2DConditionModel:
-        """The base UNet with a new style codebook, or the merged model of `model.init_from`."""
+        """The base UNet (or `model.init_unet`'s weights) with a new style codebook, or the merged model
+        of `model.init_from`."""
         if self.recipe.model.init_from:
             student = StyleUNet2DConditionModel.from_merged(
                 Path(self.recipe.model.init_from) / "unet", self.objective_class.student_config(self.objective_options))
             student.add_styles(self.student_styles[len(student.style_names):])  # incremental: new rows
+        elif self.recipe.model.init_unet or self.recipe.model.init_average:
+            # Loaded as a teacher is: any registered format, refused unless it fits the base.
+            unet = load_teacher_unet(self._init_unet_path(), base=self.recipe.model.base,
+                                     dtype=self.base.unet.dtype, where="model.init_unet")
+            student = StyleUNet2DConditionModel.from_unet(unet, self.student_styles)
         else:
             student = StyleUNet2DConditionModel.from_unet(self.base.unet, self.student_styles)
         if self.recipe.train.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         return student
+
+    def _init_unet_path(self) -> str:
+        """`model.init_unet`, or the teachers' average: merged once by the main rank (kept for resumes)."""
+        r = self.recipe
+        if not r.model.init_average:
+            return r.model.init_unet
+        path = self.out / "init_unet.safetensors"
+        if self.engine.is_main and not path.exists():
+            from dmm.merge import merge_models  # sd-mecha: imported only when used
+
+            log.info("averaging the %d teachers' weights into %s (model.init_average)", len(r.teachers), path)
+            make_dir(self.out)
+            merge_models("weighted_sum", [t.path for t in r.teachers], path)
+        self.engine.barrier()
+        return str(path)
 
     def _build_trained_models(self, student) -> dict[str, torch.nn.Module]:
         """The objective's trained models (the student; the discriminator with the adversarial loss),
