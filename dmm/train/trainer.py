@@ -173,13 +173,17 @@ class DistillationTrainer:
         if not r.model.init_average:
             return r.model.init_unet
         path = self.out / "init_unet.safetensors"
-        if self.engine.is_main and not path.exists():
-            from dmm.merge import merge_models  # sd-mecha: imported only when used
 
-            log.info("averaging the %d teachers' weights into %s (model.init_average)", len(r.teachers), path)
-            make_dir(self.out)
-            merge_models("weighted_sum", [t.path for t in r.teachers], path)
-        self.engine.barrier()
+        def average() -> None:
+            if self.engine.is_main and not path.exists():
+                from dmm.merge import merge_models  # sd-mecha: imported only when used
+
+                log.info("averaging the %d teachers' weights into %s (model.init_average)", len(r.teachers), path)
+                make_dir(self.out)
+                merge_models("weighted_sum", [t.path for t in r.teachers], path)
+
+        # Collective: every rank waits for the file, and a failed merge stops all of them with its message.
+        agree(average, what="model.init_average", collective=self.engine.world_size > 1)
         return str(path)
 
     def _build_trained_models(self, student) -> dict[str, torch.nn.Module]:

@@ -1,4 +1,5 @@
-"""Weight averages under sharding: `optim.ema_decay` and the SPLAM stage's target over two ranks.
+"""Weight averages under sharding: `optim.ema_decay` and the SPLAM stage's target over two ranks;
+the student started from the teachers' average (`model.init_average`) on both ranks.
 
 ZeRO-3 and FSDP2 hold only a shard of the student on each rank; the averages read the whole
 weights through `engine.full_params` (a gather). Rank 0 replays them from the engine's full state
@@ -42,3 +43,12 @@ def test_splam_target_and_export_average_over_two_sharded_ranks(world, merged, t
     assert ranks[0]["moved"] > 1e-6  # the averages trail the trained weights
     assert ranks[0]["target_sum"] == ranks[1]["target_sum"]
     assert all(l["consistency"] > 0 for r in ranks for l in r["losses"])
+
+
+@pytest.mark.slow
+def test_every_rank_starts_from_the_average_rank_0_made(world, tmp_path):
+    raw = recipe_dict(world, tmp_path / "run", distributed=ENGINES["fsdp2"], model={"init_average": True})
+    proc = launch(["init_average", str(write_recipe(tmp_path / "r.yaml", raw)), str(tmp_path / "out")])
+    assert proc.returncode == 0, tail(proc)
+    got = json.loads((tmp_path / "out" / "init_average.json").read_text())
+    assert got["keys"] > 100 and got["max_err"] == 0.0, got

@@ -231,9 +231,23 @@ def averages(recipe, out: Path) -> None:
     (out / f"averages.rank{trainer.engine.rank}.json").write_text(json.dumps(result, indent=1))
 
 
+def init_average(recipe, out: Path) -> None:
+    """Both ranks start the student from the one average rank 0 made (`model.init_average`): rank 0's
+    gathered student holds rank 1's shard too."""
+    from safetensors.torch import load_file
+
+    trainer = DistillationTrainer(recipe)
+    full = trainer.engine.full_state_dict("student")  # a collective: every rank takes part; rank 0 gets it
+    if trainer.engine.is_main:
+        made = load_file(str(Path(recipe.train.output_dir) / "init_unet.safetensors"))
+        err = max(float((full[k].float() - v.float()).abs().max()) for k, v in made.items())
+        (out / "init_average.json").write_text(json.dumps({"max_err": err, "keys": len(made)}))
+    trainer.engine.barrier()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["props", "train", "own_te", "incremental", "averages"])
+    parser.add_argument("mode", choices=["props", "train", "own_te", "incremental", "averages", "init_average"])
     parser.add_argument("recipe")
     parser.add_argument("out")
     parser.add_argument("--kill-in-save", type=int, default=None)
@@ -251,6 +265,8 @@ def main() -> None:
         incremental(recipe, out)
     elif args.mode == "averages":
         averages(recipe, out)
+    elif args.mode == "init_average":
+        init_average(recipe, out)
     else:
         train(recipe, out, args.kill_in_save)
     if torch.distributed.is_initialized():
