@@ -156,13 +156,13 @@ class DistillationTrainer:
             student = StyleUNet2DConditionModel.from_merged(
                 Path(self.recipe.model.init_from) / "unet", self.objective_class.student_config(self.objective_options))
             student.add_styles(self.student_styles[len(student.style_names):])  # incremental: new rows
-        elif self.recipe.model.init_unet or self.recipe.model.init_average:
-            # Loaded as a teacher is: any registered format, refused unless it fits the base.
-            unet = load_teacher_unet(self._init_unet_path(), base=self.recipe.model.base,
-                                     dtype=self.base.unet.dtype, where="model.init_unet")
-            student = StyleUNet2DConditionModel.from_unet(unet, self.student_styles)
         else:
-            student = StyleUNet2DConditionModel.from_unet(self.base.unet, self.student_styles)
+            unet = self.base.unet
+            if self.recipe.model.init_unet or self.recipe.model.init_average:
+                # Loaded as a teacher is: any registered format, refused unless it fits the base.
+                unet = load_teacher_unet(self._init_unet_path(), base=self.recipe.model.base,
+                                         dtype=unet.dtype, where="model.init_unet")
+            student = StyleUNet2DConditionModel.from_unet(unet, self.student_styles)
         if self.recipe.train.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         return student
